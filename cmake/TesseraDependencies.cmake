@@ -10,8 +10,11 @@ else()
   set(TESSERA_HAVE_OPENBLAS OFF)
 endif()
 
-find_package(dnnl CONFIG QUIET)
-if(TARGET DNNL::dnnl)
+# oneDNN is found by hand: Debian's dnnl-config.cmake insists on OpenCL development files
+# (its GPU runtime), which a CPU build does not need.
+find_library(TESSERA_DNNL_LIBRARY NAMES dnnl)
+find_path(TESSERA_DNNL_INCLUDE_DIR NAMES oneapi/dnnl/dnnl.hpp)
+if(TESSERA_DNNL_LIBRARY AND TESSERA_DNNL_INCLUDE_DIR)
   set(TESSERA_HAVE_DNNL ON)
 else()
   set(TESSERA_HAVE_DNNL OFF)
