@@ -7,7 +7,8 @@
 set -euo pipefail
 
 packages=(cmake ninja-build g++ ccache pkg-config
-          libeigen3-dev libopenblas-dev libdnnl-dev nlohmann-json3-dev libboost-dev)
+          libeigen3-dev libopenblas-dev libdnnl-dev nlohmann-json3-dev libboost-dev
+          fortunes-zh)  # real text the demo trains on
 if [[ "${1:-}" != "--demo" ]]; then
   packages+=(libboost-test-dev libtorch-dev)
 fi
