@@ -146,3 +146,25 @@ BOOST_AUTO_TEST_CASE(cpu_to_cpu_transfer_copies) {
   BOOST_TEST(u.data() != t.data());
   BOOST_TEST(u(2, 2) == 8.0f);
 }
+
+BOOST_AUTO_TEST_CASE(large_buffers_are_reused_not_refaulted) {
+  auto& cache = detail::LargeBlockCache::instance();
+  cache.release_all();
+  const Shape big{1 << 19};  // 2 MiB of floats: above the caching threshold
+  const float* first = nullptr;
+  {
+    Tensor<float> t(big);
+    first = t.data();
+    t(7) = 3.0f;
+  }
+  BOOST_TEST(cache.cached_bytes() == size_t{2} << 20);
+  Tensor<float> again(big);  // same size: the cached block comes back, zero-filled
+  BOOST_TEST(again.data() == first);
+  BOOST_TEST(again(7) == 0.0f);
+  BOOST_TEST(cache.cached_bytes() == 0u);
+  {
+    Tensor<float> small(Shape{1000});  // below the threshold: never cached
+  }
+  BOOST_TEST(cache.cached_bytes() == 0u);
+  BOOST_TEST(reinterpret_cast<std::uintptr_t>(again.data()) % kTensorAlignment == 0u);
+}

@@ -273,7 +273,7 @@ class Tensor {
 
  private:
   void reset() {
-    if (data_) DeviceMemory<D>::release(data_);
+    if (data_) DeviceMemory<D>::release(data_, size_bytes());
     data_ = nullptr;
   }
 
