@@ -41,10 +41,11 @@ class TensorView {
                   strides, " differ in rank");
   }
   // A view of mutable data is also a view of const data.
-  operator TensorView<const T, D>() const
-    requires(!std::is_const_v<T>)
-  {
-    return TensorView<const T, D>(data_, shape_, strides_);
+  // (A template, so that TensorView<const T> does not declare a conversion to itself.)
+  template <class U = T>
+    requires(!std::is_const_v<U>)
+  operator TensorView<const U, D>() const {
+    return TensorView<const U, D>(data_, shape_, strides_);
   }
 
   T* data() const { return data_; }
