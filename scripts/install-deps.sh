@@ -10,7 +10,9 @@ packages=(cmake ninja-build g++ ccache pkg-config
           libeigen3-dev libopenblas-dev libdnnl-dev nlohmann-json3-dev libboost-dev
           fortunes-zh)  # real text the demo trains on
 if [[ "${1:-}" != "--demo" ]]; then
-  packages+=(libboost-test-dev libtorch-dev)
+  packages+=(libboost-test-dev libtorch-dev
+             libre2-dev libutf8proc-dev libxxhash-dev libopencc-dev  # data cleaning
+             fortunes bible-kjv debian-reference-zh-cn)  # real text the tests read
 fi
 
 missing=()
