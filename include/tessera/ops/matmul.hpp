@@ -62,8 +62,18 @@
 #if defined(TESSERA_HAVE_OPENBLAS)
 #include <cblas.h>
 #endif
-#if defined(TESSERA_HAVE_DNNL)
+// oneDNN's header does not get through nvcc's C++20 front end, and the oneDNN path is a CPU
+// back end anyway: translation units compiled by nvcc build matmul without it. So that such a
+// unit and an ordinary .cpp can be linked into one program without two different definitions
+// of the same inline function, the back-end-dependent part lives in an inline namespace named
+// after the configuration (the names then mangle differently).
+#if defined(TESSERA_HAVE_DNNL) && !defined(__CUDACC__)
+#define TESSERA_MATMUL_DNNL 1
 #include <oneapi/dnnl/dnnl.hpp>
+#define TESSERA_MATMUL_ABI with_onednn
+#else
+#define TESSERA_MATMUL_DNNL 0
+#define TESSERA_MATMUL_ABI without_onednn
 #endif
 
 namespace tessera::ops {
@@ -90,6 +100,7 @@ struct LinearGrads {
   Tensor<T> dbias;    // (out); an empty tensor (no elements) when the layer has no bias
 };
 
+inline namespace TESSERA_MATMUL_ABI {
 namespace matmul_detail {
 
 using cast_detail::acc_t;
@@ -320,7 +331,7 @@ void gemm_openblas(const Operand<T>& a, const Operand<T>& b, int64_t batch, int6
 #endif
 
 // --- oneDNN -------------------------------------------------------------------------------
-#if defined(TESSERA_HAVE_DNNL)
+#if TESSERA_MATMUL_DNNL
 inline dnnl::engine& dnnl_engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
   return engine;
@@ -428,7 +439,7 @@ bool path_available(MatmulPath p) {
       return false;
 #endif
     case MatmulPath::kOneDnn:
-#if defined(TESSERA_HAVE_DNNL)
+#if TESSERA_MATMUL_DNNL
       if constexpr (std::is_same_v<T, float>) {
         return true;
       } else if constexpr (std::is_same_v<T, bf16>) {
@@ -490,7 +501,7 @@ void run_native(MatmulPath path, const Operand<T>& a, const Operand<T>& b, int64
       break;
 #endif
     case MatmulPath::kOneDnn:
-#if defined(TESSERA_HAVE_DNNL)
+#if TESSERA_MATMUL_DNNL
       if constexpr (std::is_same_v<T, float>) {
         gemm_onednn<T>(a, b, batch, m, n, k, c, nullptr);
         return;
@@ -505,7 +516,7 @@ void run_native(MatmulPath path, const Operand<T>& a, const Operand<T>& b, int64
 template <class T>
 Operand<float> widen(const Operand<T>& x, int64_t batch, Tensor<float>& storage) {
   const int64_t nb = x.batch_stride == 0 ? 1 : batch;
-  storage = Tensor<float>::empty({nb, x.rows, x.cols});
+  storage = Tensor<float>::empty(Shape{nb, x.rows, x.cols});  // (nvcc 13 needs the Shape spelled out)
   float* out = storage.data();
   const int64_t rows = nb * x.rows, cols = x.cols;
 #pragma omp parallel for schedule(static) if (rows * cols >= (int64_t{1} << 15))
@@ -533,7 +544,7 @@ void run(MatmulPath path, const Operand<T>& a, const Operand<T>& b, int64_t batc
   }
   if constexpr (!is_low_precision_v<T>) {
     if (path == MatmulPath::kOneDnn && bias) {
-#if defined(TESSERA_HAVE_DNNL)
+#if TESSERA_MATMUL_DNNL
       if constexpr (std::is_same_v<T, float>) {
         gemm_onednn<T>(a, b, batch, m, n, k, c, bias);
         return;
@@ -543,7 +554,7 @@ void run(MatmulPath path, const Operand<T>& a, const Operand<T>& b, int64_t batc
     run_native(path, a, b, batch, m, n, k, c);
     if (bias) add_bias_rows(c);
   } else {
-#if defined(TESSERA_HAVE_DNNL)
+#if TESSERA_MATMUL_DNNL
     if constexpr (std::is_same_v<T, bf16>) {
       if (path == MatmulPath::kOneDnn) {
         gemm_onednn<T>(a, b, batch, m, n, k, c, bias);
@@ -614,6 +625,7 @@ struct DenseView {
 };
 
 }  // namespace matmul_detail
+}  // namespace TESSERA_MATMUL_ABI
 
 // One line for logs: the compiled-in back ends and, for OpenBLAS, the kernel it chose.
 inline std::string matmul_summary() {
