@@ -1,0 +1,226 @@
+// tests/reference/torch_ref.hpp — LibTorch as an oracle, behind a plain-array interface.
+//
+// Why a wall between tessera and LibTorch: a translation unit that includes <torch/torch.h>
+// takes about 27 s to compile, and LibTorch's headers bring their own idea of C++ dialect,
+// macros and `Tensor`. So exactly one file (torch_ref.cpp) includes torch; it is compiled once
+// into the static library `tessera_torch_ref`, and the cross-check tests talk to it through
+// this header, which knows neither torch types nor tessera types: only flat float arrays with
+// a shape. The tests convert tessera tensors to and from `Array`.
+//
+// Every function runs the op in LibTorch with autograd: the inputs are leaves with
+// requires_grad, the output is back-propagated with the given upstream gradient `dy`, and the
+// forward result and every input gradient come back as float arrays.
+//
+// Precision:
+//   kFloat32   everything in float32.
+//   kBFloat16  the inputs (already bf16-representable) become bf16 leaf tensors; the op runs
+//              in float32 on them (leaf.to(float)), its output is rounded to bf16 once, and
+//              autograd rounds each leaf's gradient to bf16 once. That is tessera's contract
+//              for low precision ("widen, compute in float, round once"), so the comparison
+//              can be as tight as one bf16 ulp.
+// Why not LibTorch's own bf16 kernels: in LibTorch 1.13 on the CPU they are not a sharper
+// reference than that contract, nor a consistent one. native_bf16_survey() below measures
+// them (docs/testing.md has the table): 2-D matmul, linear, softmax, exact gelu and sums do
+// compute in float and round once (0-0.02% of elements differ from float-then-round), but
+// small batched matmuls (below MKL-DNN's size threshold) and embedding_backward accumulate in
+// bf16 (64% / 33% of elements differ, by up to 2 / 4 ulps), silu, tanh-gelu, log_softmax,
+// layer_norm and softmax's backward differ by 1-6 ulps in 14-76% of the elements (they round
+// intermediate results to bf16), and a scalar operand (x * alpha) is rounded to bf16 before
+// the product. A reference that accumulates in bf16 would hide exactly the bug the bf16
+// checks look for (an accumulator left in bf16), and one whose error depends on the op would
+// need a tolerance per op that says more about LibTorch than about tessera.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace torch_ref {
+
+// A dense row-major array of float values (bf16 values are stored widened to float).
+struct Array {
+  std::vector<float> data;
+  std::vector<int64_t> shape;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  }
+};
+
+// Integer ids (class targets, token ids, top-k indices).
+struct IndexArray {
+  std::vector<int64_t> data;
+  std::vector<int64_t> shape;
+};
+
+enum class Precision { kFloat32, kBFloat16 };
+
+// Sets LibTorch's intra-op thread count (the tests use 2: the CI machine has two cores).
+void set_num_threads(int n);
+// "LibTorch 1.13.0, N threads", for the test log.
+std::string describe();
+
+// What LibTorch's own bf16 CPU kernels do, measured against "compute in float on the same
+// bf16 inputs, round once" (the reference kBFloat16 uses): per op, the fraction of elements
+// that differ and the largest difference, in ulps of the tensor's largest element (small
+// elements that cancelled would make a per-element ulp count meaningless). Fixed inputs
+// (torch::manual_seed(0)); docs/testing.md quotes the table. Run with
+//   test_torch_elementwise --run_test=native_bf16_survey --log_level=message
+struct SurveyRow {
+  std::string op;
+  double fraction_differing;
+  double max_ulps;       // max |native - ideal| / ulp(max |ideal|)
+  double max_elem_ulps;  // max |native - ideal| / ulp(ideal), over |ideal| >= max |ideal| / 8
+};
+std::vector<SurveyRow> native_bf16_survey();
+
+// ---- number conversion -------------------------------------------------------------------
+
+enum class Format { kFloat32, kBFloat16, kFloat16 };
+struct CastResult {
+  Array y;   // x converted by LibTorch's x.to(dtype) (round to nearest even), widened to float
+  Array dx;  // dy (given in `to`'s format) converted back to `from`'s format by autograd
+};
+// x holds values of format `from` (widened to float). The float arrays carry every bf16/fp16
+// value exactly, NaN and infinities included, so the caller can compare bit patterns.
+CastResult cast(const Array& x, Format from, Format to, const Array& dy);
+
+// ---- matrix products -----------------------------------------------------------------------
+
+struct MatmulResult {
+  Array y, da, db;
+};
+// y = op(a) @ op(b) with op(m) = m^T (last two axes) when trans_* is set; leading (batch) axes
+// broadcast as torch.matmul does. dy has y's shape.
+MatmulResult matmul(const Array& a, const Array& b, bool trans_a, bool trans_b, const Array& dy,
+                    Precision p);
+
+struct LinearResult {
+  Array y, dx, dw, db;  // db is empty (numel 0, shape {}) when there is no bias
+};
+// y = x @ w^T + bias, w (out, in) as torch.nn.functional.linear.
+LinearResult linear(const Array& x, const Array& w, const std::optional<Array>& bias,
+                    const Array& dy, Precision p);
+
+// ---- element-wise ----------------------------------------------------------------------------
+
+struct BinaryResult {
+  Array y, da, db;  // da, db have a's and b's shapes (broadcast axes summed by autograd)
+};
+// a + b with torch's broadcasting (x (..., n) + bias (n) is tessera's add_bias).
+BinaryResult add(const Array& a, const Array& b, const Array& dy, Precision p);
+BinaryResult mul(const Array& a, const Array& b, const Array& dy, Precision p);
+
+struct UnaryResult {
+  Array y, dx;
+};
+// y = alpha * x
+UnaryResult scale(const Array& x, double alpha, const Array& dy, Precision p);
+// y = a + alpha * b (torch.add(a, b, alpha=alpha))
+BinaryResult add_scaled(const Array& a, const Array& b, double alpha, const Array& dy, Precision p);
+
+// ---- selection ---------------------------------------------------------------------------------
+
+struct TopkResult {
+  Array values;
+  IndexArray indices;
+  Array dx;  // dy scattered back to the selected positions
+};
+// torch.topk(x, k, dim=-1, largest, sorted=true)
+TopkResult topk(const Array& x, int64_t k, bool largest, const Array& dy, Precision p);
+
+// ---- softmax family --------------------------------------------------------------------------
+
+// Softmax / log-softmax over the last axis.
+UnaryResult softmax(const Array& x, const Array& dy, Precision p);
+UnaryResult log_softmax(const Array& x, const Array& dy, Precision p);
+
+// The backward kernels alone, applied to a given forward output y (LibTorch's
+// _softmax_backward_data / _log_softmax_backward_data, in float, rounded once): checks a
+// backward on exactly the saved state it is given, which for bf16 is the rounded y.
+Array softmax_backward(const Array& y, const Array& dy, Precision p);
+Array log_softmax_backward(const Array& y, const Array& dy, Precision p);
+
+enum class Reduction { kNone, kMean, kSum };
+struct CrossEntropyResult {
+  Array loss;     // shape {} for mean/sum, {N} for none
+  Array dlogits;  // (N, C)
+};
+// torch.nn.functional.cross_entropy(logits (..., C) flattened to (N, C), targets (...)
+// flattened to (N), ignore_index, reduction, label_smoothing), back-propagated with dloss
+// (loss's shape: {} for mean/sum, targets' shape for none).
+CrossEntropyResult cross_entropy(const Array& logits, const IndexArray& targets,
+                                 int64_t ignore_index, double label_smoothing, Reduction reduction,
+                                 const Array& dloss, Precision p);
+
+// ---- normalisation -----------------------------------------------------------------------------
+
+struct NormResult {
+  Array y, dx, dweight, dbias;  // dbias empty for rmsnorm / no bias
+  Array mean, rstd;             // per-row statistics (rows); mean empty for rmsnorm
+};
+// y = x / sqrt(mean(x^2, last axis) + eps) * weight   (composite: LibTorch 1.13 has no rms_norm)
+NormResult rmsnorm(const Array& x, const Array& weight, double eps, const Array& dy, Precision p);
+// torch.nn.functional.layer_norm over the last axis, with weight and (optional) bias.
+NormResult layernorm(const Array& x, const Array& weight, const std::optional<Array>& bias,
+                     double eps, const Array& dy, Precision p);
+
+// ---- activations -------------------------------------------------------------------------------
+
+UnaryResult silu(const Array& x, const Array& dy, Precision p);
+// approximate: "none" (erf) or "tanh", as torch.nn.functional.gelu
+UnaryResult gelu(const Array& x, const std::string& approximate, const Array& dy, Precision p);
+struct SwiGluResult {
+  Array y, dgate, dup;
+};
+// silu(gate) * up (composite)
+SwiGluResult swiglu(const Array& gate, const Array& up, const Array& dy, Precision p);
+
+// ---- rotary position embedding -----------------------------------------------------------------
+
+enum class RopeLayout {
+  kHalfSplit,    // pairs (i, i + d/2): GPT-NeoX / Llama "rotate_half"
+  kInterleaved,  // pairs (2i, 2i + 1): GPT-J / the original RoFormer
+};
+enum class RopeScaling { kNone, kLinear, kNtk, kYarn };
+struct RopeSpec {
+  int64_t rotary_dim = 0;  // leading features of each head that rotate (0: the whole head)
+  double base = 10000.0;
+  RopeLayout layout = RopeLayout::kHalfSplit;
+  RopeScaling scaling = RopeScaling::kNone;
+  double factor = 1.0;
+  int64_t original_max_positions = 4096;  // YaRN: the trained context length
+  double beta_fast = 32.0;                // YaRN ramp ends, in rotations over that context
+  double beta_slow = 1.0;
+  // YaRN cos/sin factor: attention_factor when > 0, else
+  // get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim) (denominator 1 when
+  // mscale_all_dim is 0), get_mscale(s, m) = 0.1 m ln(s) + 1 for s > 1, else 1.
+  double mscale = 1.0;
+  double mscale_all_dim = 0.0;
+  double attention_factor = 0.0;
+};
+// Inverse frequencies (rotary_dim / 2 of them) and the cos/sin scale, computed with torch ops
+// from the published formulas (see torch_ref.cpp); exposed so a test can compare frequency
+// tables too.
+struct RopeTables {
+  Array inv_freq;  // (rotary_dim / 2)
+  double attention_scale = 1.0;
+};
+RopeTables rope_tables(const RopeSpec& spec);
+// x (B, T, H, D) or (T, H, D); positions (T) or (B, T). Rotates the first rotary_dim features
+// of every head; the rest pass through.
+UnaryResult rope(const Array& x, const IndexArray& positions, const RopeSpec& spec, const Array& dy,
+                 Precision p);
+
+// ---- embedding
+// -----------------------------------------------------------------------------------
+
+struct EmbeddingResult {
+  Array y, dweight;
+};
+// torch.nn.functional.embedding(ids, weight (V, D)); dweight by autograd's scatter-add.
+EmbeddingResult embedding(const Array& weight, const IndexArray& ids, const Array& dy, Precision p);
+
+}  // namespace torch_ref
