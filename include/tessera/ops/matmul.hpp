@@ -384,12 +384,22 @@ class DnnlCache {
   std::map<Key, dnnl::matmul> map_;
 };
 
+// oneDNN fixes the thread count when it creates a primitive, so a caller that changes
+// omp_set_num_threads() between products needs a different one.
+inline int64_t dnnl_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
 template <class T>
 void gemm_onednn(const Operand<T>& a, const Operand<T>& b, int64_t batch, int64_t m, int64_t n,
                  int64_t k, T* c, const T* bias) {
   const DnnlCache::Key key{static_cast<int64_t>(dnnl_type<T>()), batch, m, n, k,
                            a.batch_stride, a.ld, a.row_major, b.batch_stride, b.ld,
-                           b.row_major, bias != nullptr, 0};
+                           b.row_major, bias != nullptr, dnnl_threads()};
   const auto a_md = dnnl_desc(a, batch);
   const auto b_md = dnnl_desc(b, batch);
   const dnnl::memory::desc c_md({batch, m, n}, dnnl_type<T>(), dnnl::memory::dims{m * n, n, 1});
