@@ -28,3 +28,12 @@
 #include "tessera/ops/topk.hpp"
 
 #include "tessera/quant/fp8_scaling.hpp"
+
+#include "tessera/io/safetensors.hpp"
+
+#include "tessera/nn/attention.hpp"
+#include "tessera/nn/feed_forward.hpp"
+#include "tessera/nn/moe.hpp"
+#include "tessera/nn/parameter.hpp"
+#include "tessera/nn/router.hpp"
+#include "tessera/nn/window.hpp"
