@@ -26,6 +26,10 @@
 namespace fs = std::filesystem;
 namespace td = tessera::data;
 
+#ifndef TESSERA_DATA_DIR
+#define TESSERA_DATA_DIR "../shared/data"
+#endif
+
 namespace {
 
 std::string slurp_command(const std::string& cmd) {
@@ -85,7 +89,7 @@ double reference_seconds(const std::string& args, bool one_thread) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string tok_path = "../shared/data/tokenizers/deepseek-v3/tokenizer.json";
+  std::string tok_path = TESSERA_DATA_DIR "/tokenizers/deepseek-v3/tokenizer.json";
   int repeat = 3;
   std::size_t train_mb = 20, train_vocab = 8000;
   for (int i = 1; i + 1 < argc; i += 2) {

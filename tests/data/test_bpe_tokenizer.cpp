@@ -15,13 +15,19 @@
 #include <vector>
 
 #include "tessera/data/bpe_tokenizer.hpp"
+#include "common/shared_data.hpp"
 
 namespace td = tessera::data;
 using Ids = std::vector<td::TokenId>;
 
 namespace {
 
-const std::filesystem::path kTok = "../shared/data/tokenizers";
+const std::filesystem::path kTok = tessera::test::tokenizers_dir();
+
+// Cases that read the real tokenizers run only where ../shared/data is present.
+boost::test_tools::assertion_result real_tokenizers(boost::unit_test::test_unit_id) {
+  return tessera::test::have_real_tokenizers();
+}
 
 const td::BpeTokenizer& deepseek() {
   static const auto t = td::BpeTokenizer::from_file(kTok / "deepseek-v3/tokenizer.json");
@@ -95,7 +101,7 @@ BOOST_AUTO_TEST_CASE(split_rules_match_reference) {
              boost::test_tools::per_element());
 }
 
-BOOST_AUTO_TEST_CASE(real_tokenizers_give_reference_ids) {
+BOOST_AUTO_TEST_CASE(real_tokenizers_give_reference_ids, *boost::unit_test::precondition(real_tokenizers)) {
   BOOST_TEST(deepseek().vocab_size() == 128815u);
   BOOST_TEST(deepseek().merge_count() == 127741u);
   BOOST_TEST(deepseek().added_tokens().size() == 818u);
@@ -118,7 +124,7 @@ BOOST_AUTO_TEST_CASE(real_tokenizers_give_reference_ids) {
   BOOST_TEST(gpt2().vocab_size() == 50257u);
 }
 
-BOOST_AUTO_TEST_CASE(special_tokens) {
+BOOST_AUTO_TEST_CASE(special_tokens, *boost::unit_test::precondition(real_tokenizers)) {
   const std::string text = "a<|endoftext|>b";
   const Ids with = gpt2().encode(text);
   BOOST_TEST(with == (Ids{64, 50256, 65}), boost::test_tools::per_element());
@@ -136,7 +142,7 @@ BOOST_AUTO_TEST_CASE(special_tokens) {
   BOOST_TEST(deepseek().special_token_id(bos) == 0u);
 }
 
-BOOST_AUTO_TEST_CASE(bad_input_is_handled) {
+BOOST_AUTO_TEST_CASE(bad_input_is_handled, *boost::unit_test::precondition(real_tokenizers)) {
   // Empty input.
   BOOST_TEST(deepseek().encode("").empty());
   BOOST_TEST(deepseek().decode(Ids{}).empty());
@@ -165,7 +171,7 @@ BOOST_AUTO_TEST_CASE(bad_input_is_handled) {
   }
 }
 
-BOOST_AUTO_TEST_CASE(random_bytes_round_trip) {
+BOOST_AUTO_TEST_CASE(random_bytes_round_trip, *boost::unit_test::precondition(real_tokenizers)) {
   const unsigned seed = 20261129;
   BOOST_TEST_MESSAGE("seed " << seed);
   std::mt19937 rng(seed);
@@ -179,7 +185,7 @@ BOOST_AUTO_TEST_CASE(random_bytes_round_trip) {
   }
 }
 
-BOOST_AUTO_TEST_CASE(ten_megabyte_single_line) {
+BOOST_AUTO_TEST_CASE(ten_megabyte_single_line, *boost::unit_test::precondition(real_tokenizers)) {
   std::string line;
   const std::string unit = "The quick brown fox 12345 跳过了懒狗，😀 and   spaces\t";
   while (line.size() < 10'000'000) line += unit;
@@ -199,7 +205,7 @@ BOOST_AUTO_TEST_CASE(ten_megabyte_single_line) {
 // Words of 30..120 bytes cross the switch from the array merge loop (<= 48 bytes) to the heap
 // one; both must agree with GPT-2's original algorithm (encoder.py: take the lowest-rank pair,
 // merge all its occurrences left to right, repeat), written here independently.
-BOOST_AUTO_TEST_CASE(merge_loops_match_original_gpt2_algorithm) {
+BOOST_AUTO_TEST_CASE(merge_loops_match_original_gpt2_algorithm, *boost::unit_test::precondition(real_tokenizers)) {
   std::map<std::pair<std::string, std::string>, int> rank;
   {
     std::ifstream in(kTok / "gpt2/vocab.bpe");
@@ -247,7 +253,7 @@ BOOST_AUTO_TEST_CASE(merge_loops_match_original_gpt2_algorithm) {
   }
 }
 
-BOOST_AUTO_TEST_CASE(batch_equals_single) {
+BOOST_AUTO_TEST_CASE(batch_equals_single, *boost::unit_test::precondition(real_tokenizers)) {
   std::vector<std::string> texts;
   for (int i = 0; i < 300; ++i)
     texts.push_back("text number " + std::to_string(i * 7919) + " 中文" + std::string(i % 5, ' '));
@@ -277,7 +283,7 @@ BOOST_AUTO_TEST_CASE(unsupported_files_are_rejected_clearly) {
   BOOST_CHECK_THROW(td::BpeTokenizer::from_file("/nonexistent/tokenizer.json"), tessera::Error);
 }
 
-BOOST_AUTO_TEST_CASE(save_and_reload) {
+BOOST_AUTO_TEST_CASE(save_and_reload, *boost::unit_test::precondition(real_tokenizers)) {
   const auto path = std::filesystem::temp_directory_path() / "tessera_test_gpt2_tokenizer.json";
   gpt2().save(path);
   const auto back = td::BpeTokenizer::from_file(path);
@@ -296,7 +302,7 @@ BOOST_AUTO_TEST_CASE(save_and_reload) {
              gpt2().encode("Hello world again"));
 }
 
-BOOST_AUTO_TEST_CASE(chinese_policies) {
+BOOST_AUTO_TEST_CASE(chinese_policies, *boost::unit_test::precondition(real_tokenizers)) {
   const auto dict = td::JiebaSegmenter::default_dictionary_path();
   if (dict.empty()) {
     BOOST_TEST_MESSAGE("python3-jieba not installed: dictionary cases not run");

@@ -22,6 +22,7 @@
 
 #include "tessera/data/bpe_tokenizer.hpp"
 #include "tessera/data/tokenizer_trainer.hpp"
+#include "common/shared_data.hpp"
 
 namespace fs = std::filesystem;
 namespace td = tessera::data;
@@ -29,7 +30,7 @@ using Ids = std::vector<td::TokenId>;
 
 namespace {
 
-const fs::path kTok = "../shared/data/tokenizers";
+const fs::path kTok = tessera::test::tokenizers_dir();
 const fs::path kFortunes = "/usr/share/games/fortunes";
 
 void skip(const std::string& why) {
@@ -280,6 +281,7 @@ const std::string kGpt2Args =
 BOOST_AUTO_TEST_SUITE(hf)
 
 BOOST_AUTO_TEST_CASE(deepseek_corpus) {
+  if (!tessera::test::have_real_tokenizers()) return;
   std::string missing;
   const auto texts = corpus_sample(missing);
   if (texts.empty()) return skip("text package missing: " + missing);
@@ -289,6 +291,7 @@ BOOST_AUTO_TEST_CASE(deepseek_corpus) {
 }
 
 BOOST_AUTO_TEST_CASE(gpt2_corpus) {
+  if (!tessera::test::have_real_tokenizers()) return;
   std::string missing;
   const auto texts = corpus_sample(missing);
   if (texts.empty()) return skip("text package missing: " + missing);
@@ -299,6 +302,7 @@ BOOST_AUTO_TEST_CASE(gpt2_corpus) {
 }
 
 BOOST_AUTO_TEST_CASE(deepseek_edge_cases) {
+  if (!tessera::test::have_real_tokenizers()) return;
   const auto texts = edge_cases();
   const auto tok = td::BpeTokenizer::from_file(kTok / "deepseek-v3/tokenizer.json");
   Reference ref;
@@ -308,6 +312,7 @@ BOOST_AUTO_TEST_CASE(deepseek_edge_cases) {
 }
 
 BOOST_AUTO_TEST_CASE(gpt2_edge_cases) {
+  if (!tessera::test::have_real_tokenizers()) return;
   const auto texts = edge_cases();
   const auto tok =
       td::BpeTokenizer::from_gpt2_files(kTok / "gpt2/encoder.json", kTok / "gpt2/vocab.bpe");
