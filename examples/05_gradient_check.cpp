@@ -1,4 +1,4 @@
-// 03 — Checking a backward pass with finite differences
+// 05 — Checking a backward pass with finite differences
 //
 // What you will learn:
 //   * every tessera op has an explicit backward, `op_backward`, instead of an autograd tape;

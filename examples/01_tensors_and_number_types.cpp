@@ -1,8 +1,11 @@
-// 02 — Number formats: what bf16, fp16 and FP8 keep of a float
+// 01 — Tensors and number types
 //
 // What you will learn:
-//   * each low-precision type is a few bits with a different split between range (exponent)
-//     and precision (mantissa), and conversion rounds to the nearest representable value;
+//   * a Tensor owns a contiguous, aligned buffer and is moved, never copied by accident;
+//   * slices, transposes and reshapes are views: they share the buffer and cost nothing;
+//   * mistakes (bad shapes, bad indices) are reported with messages that say what to fix;
+//   * bf16, fp16 and FP8 are a few bits with a different split between range (exponent) and
+//     precision (mantissa), and conversion rounds to the nearest representable value;
 //   * FP8 E4M3 has no infinity: values beyond 448 saturate (the default) or become NaN;
 //   * FP8 training therefore scales a tensor into the format's range first. With one scale
 //     per 1x128 tile (DeepSeek-V3's recipe) one outlier no longer flattens its whole tensor.
@@ -11,6 +14,8 @@
 
 #include <cmath>
 #include <cstdio>
+#include <numeric>
+#include <sstream>
 #include <vector>
 
 namespace ts = tessera;
@@ -21,6 +26,50 @@ static void check(bool ok, const char* claim) {
   failures += ok ? 0 : 1;
 }
 
+// Part 1: tensors and views.
+static void tensors_and_views() {
+  // A (batch, seq, features) activation: 2 sequences of 3 tokens with 4 features each.
+  auto x = ts::Tensor<float>::empty({2, 3, 4});
+  std::iota(x.data(), x.data() + x.numel(), 0.0f);  // element (b, t, f) = 12b + 4t + f
+  std::printf("x = %s\n", (std::ostringstream() << x).str().c_str());
+
+  std::puts("Views share memory:");
+  auto second_token = x.select(1, 1);  // (2, 4): token 1 of both sequences
+  check(second_token(1, 2) == 12 + 4 + 2, "select(1, 1) picks token 1 of every sequence");
+  second_token(0, 0) = -1.0f;
+  check(x(0, 1, 0) == -1.0f, "writing through a view writes into the tensor");
+
+  auto features_first = x.transpose(1, 2);  // (2, 4, 3)
+  check(features_first(1, 3, 2) == x(1, 2, 3), "transpose swaps axes without moving data");
+  check(!features_first.is_contiguous(), "a transposed view is strided, not contiguous");
+
+  auto rows = x.reshape({-1, 4});  // (6, 4): every token as a row
+  check(rows.shape() == ts::Shape({6, 4}), "reshape({-1, 4}) infers 6 rows");
+
+  std::puts("Copies are explicit:");
+  auto copy = x.clone();
+  copy(0, 0, 0) = 100.0f;
+  check(x(0, 0, 0) == 0.0f, "clone() is an independent copy");
+  auto dense = features_first.contiguous();
+  check(dense.reshape({-1}).numel() == 24, "contiguous() materialises a strided view");
+
+  std::puts("Mistakes are explained:");
+  try {
+    (void)features_first.reshape({24});
+    check(false, "reshaping a strided view throws");
+  } catch (const ts::Error& e) {
+    std::printf("    tessera::Error: %s\n", e.what());
+    check(true, "reshaping a strided view throws instead of copying behind your back");
+  }
+  try {
+    (void)x(2, 0, 0);
+    check(false, "out-of-bounds index throws");
+  } catch (const ts::Error& e) {
+    std::printf("    tessera::Error: %s\n", e.what());
+    check(true, "an out-of-bounds index names the axis and the shape");
+  }
+}
+
 template <class T>
 static void show(float x) {
   const T q(x);
@@ -29,14 +78,13 @@ static void show(float x) {
               static_cast<float>(q));
 }
 
-int main() {
+// Part 2: what bf16, fp16 and FP8 keep of a float.
+static void number_types() {
   std::puts("pi in each format (bits, and the value they decode to):");
-  for (float x : {3.14159265f}) {
-    show<ts::bf16>(x);
-    show<ts::fp16>(x);
-    show<ts::fp8_e4m3>(x);
-    show<ts::fp8_e5m2>(x);
-  }
+  show<ts::bf16>(3.14159265f);
+  show<ts::fp16>(3.14159265f);
+  show<ts::fp8_e4m3>(3.14159265f);
+  show<ts::fp8_e5m2>(3.14159265f);
   check(static_cast<float>(ts::bf16(3.14159265f)) == 3.140625f, "bf16 keeps 8 significant bits");
   check(static_cast<float>(ts::fp8_e4m3(3.14159265f)) == 3.25f, "E4M3 keeps 4 significant bits");
 
@@ -79,7 +127,11 @@ int main() {
   std::printf("  mean |error| on the outlier-free tile: per-tensor scale %.2e, per-tile %.2e\n",
               per_tensor, per_tile);
   check(per_tile * 10 < per_tensor, "tile scaling is over 10x more accurate away from the outlier");
+}
 
+int main() {
+  tensors_and_views();
+  number_types();
   std::printf("%s\n", failures ? "SOME CHECKS FAILED" : "all checks passed");
   return failures ? 1 : 0;
 }
