@@ -13,7 +13,7 @@ if [[ "${1:-}" != "--demo" ]]; then
   packages+=(libboost-test-dev libtorch-dev
              libre2-dev libutf8proc-dev libxxhash-dev libopencc-dev  # data cleaning
              fortunes bible-kjv debian-reference-zh-cn python3-jieba  # real text the tests read
-             python3-pip
+             python3-pip python3-numpy python3-torch  # reference forwards written in Python
              clang libclang-rt-14-dev)  # libFuzzer for the untrusted-file readers' fuzz tests
 fi
 
