@@ -5,13 +5,16 @@
 // and copies the output and the leaves' gradients back into plain arrays. Autograd rounds each
 // leaf's gradient to its dtype once, at the leaf. The ops LibTorch 1.13 lacks (rms_norm,
 // swiglu, rope) are written here from their published formulas with torch ops, so autograd
-// derives their backward independently of tessera's hand-written one.
+// derives their backward independently of tessera's hand-written one. The two layers (attention
+// with an explicit mask, mixture of experts as a loop over experts) are written the same way,
+// plainly, from their definitions; for bf16 they round where tessera stores an intermediate.
 #include "torch_ref.hpp"
 
 #include <torch/torch.h>
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numbers>
 #include <sstream>
 #include <stdexcept>
@@ -395,15 +398,17 @@ RopeTables rope_tables(const RopeSpec& spec) {
   return {array(inv_freq), scale};
 }
 
-UnaryResult rope(const Array& x, const IndexArray& positions, const RopeSpec& spec, const Array& dy,
-                 Precision p) {
-  auto tx = tensor(x, p, true, "x");
-  const int64_t head_dim = x.shape.back();
+namespace {
+// Rotates the first rotary_dim features of every head of xf (float, (..., T, H, D)) at positions
+// `pos` ((T) or (..., T), int64), as the papers define it; the rest pass through.
+torch::Tensor rope_rotate(const torch::Tensor& xf, const torch::Tensor& positions,
+                          const RopeSpec& spec) {
+  const int64_t head_dim = xf.size(-1);
   RopeSpec s = spec;
   if (s.rotary_dim == 0) s.rotary_dim = head_dim;
   const int64_t d = s.rotary_dim;
   // Angles in double, then cos/sin rounded to float: the tables a float kernel would use.
-  auto pos = index_tensor(positions).to(torch::kFloat64);  // (T) or (B, T)
+  auto pos = positions.to(torch::kFloat64);  // (T) or (B, T)
   double attention_scale = 1.0;
   auto inv_freq = inv_freq_f64(s, &attention_scale);                     // (d/2)
   auto angle = pos.unsqueeze(-1) * inv_freq;                             // (..., T, d/2)
@@ -413,7 +418,6 @@ UnaryResult rope(const Array& x, const IndexArray& positions, const RopeSpec& sp
   cos = cos.unsqueeze(-2);
   sin = sin.unsqueeze(-2);
 
-  auto xf = f32(tx);
   auto rot = xf.narrow(-1, 0, d);
   auto pass = xf.narrow(-1, d, head_dim - d);
   torch::Tensor rotated;
@@ -425,7 +429,14 @@ UnaryResult rope(const Array& x, const IndexArray& positions, const RopeSpec& sp
     auto r1 = x1 * cos - x2 * sin, r2 = x2 * cos + x1 * sin;
     rotated = torch::stack({r1, r2}, -1).flatten(-2);  // re-interleave the pairs
   }
-  auto y = out(torch::cat({rotated, pass}, -1), p);
+  return torch::cat({rotated, pass}, -1);
+}
+}  // namespace
+
+UnaryResult rope(const Array& x, const IndexArray& positions, const RopeSpec& spec, const Array& dy,
+                 Precision p) {
+  auto tx = tensor(x, p, true, "x");
+  auto y = out(rope_rotate(f32(tx), index_tensor(positions), spec), p);
   backward(y, dy, p);
   return {array(y), grad_of(tx)};
 }
@@ -439,6 +450,234 @@ EmbeddingResult embedding(const Array& weight, const IndexArray& ids, const Arra
   auto y = out(torch::nn::functional::embedding(index_tensor(ids), f32(tw)), p);
   backward(y, dy, p);
   return {array(y), grad_of(tw)};
+}
+
+// ---- attention ----------------------------------------------------------------------------------
+
+namespace {
+
+// Rounds a float tensor to the precision under test and widens it back: a point where tessera
+// stores an intermediate result in T. Autograd's backward of the two casts rounds the gradient
+// passing through the same point, as tessera's backward stores that gradient in T.
+torch::Tensor rnd(const torch::Tensor& t, Precision p) {
+  return p == Precision::kBFloat16 ? t.to(torch::kBFloat16).to(torch::kFloat32) : t;
+}
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("torch_ref: " + what);
+}
+
+torch::Tensor f64_tensor(const std::vector<double>& v) {
+  return torch::from_blob(const_cast<double*>(v.data()), {static_cast<int64_t>(v.size())},
+                          torch::kFloat64)
+      .clone();
+}
+
+}  // namespace
+
+AttentionResult attention(const Array& x, const Array& wq, const Array& wk, const Array& wv,
+                          const Array& wo, int64_t heads, int64_t kv_heads, const RopeSpec& rope,
+                          const Mask& mask, const std::optional<AttentionGate>& gate,
+                          const Array& dy, Precision p) {
+  namespace F = torch::nn::functional;
+  require(x.shape.size() == 3, "attention: x must be (B, T, C)");
+  const int64_t B = x.shape[0], T = x.shape[1], C = x.shape[2];
+  require(heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && wq.shape.size() == 2 &&
+              wq.shape[0] % heads == 0,
+          "attention: heads / kv_heads / wq do not fit together");
+  const int64_t hd = wq.shape[0] / heads, group = heads / kv_heads;
+  require(wk.shape == std::vector<int64_t>{kv_heads * hd, C} && wv.shape == wk.shape &&
+              wo.shape == std::vector<int64_t>{C, heads * hd},
+          "attention: weight shapes do not match (B, T, C), heads and kv_heads");
+  require(mask.shape == std::vector<int64_t>{B, T, T} &&
+              static_cast<int64_t>(mask.allowed.size()) == B * T * T,
+          "attention: the mask must be (B, T, T)");
+
+  auto tx = tensor(x, p, true, "x");
+  auto twq = tensor(wq, p, true, "wq"), twk = tensor(wk, p, true, "wk");
+  auto twv = tensor(wv, p, true, "wv"), two = tensor(wo, p, true, "wo");
+  auto xf = f32(tx);
+  auto positions = torch::arange(T, torch::kInt64);
+  // (B, T, H, hd) and (B, T, KV, hd): projection, then RoPE, each stored in T by tessera.
+  auto q =
+      rnd(rope_rotate(rnd(F::linear(xf, f32(twq)), p).view({B, T, heads, hd}), positions, rope), p);
+  auto k = rnd(
+      rope_rotate(rnd(F::linear(xf, f32(twk)), p).view({B, T, kv_heads, hd}), positions, rope), p);
+  auto v = rnd(F::linear(xf, f32(twv)), p).view({B, T, kv_heads, hd});
+  // Heads first; every kv head serves `group` consecutive query heads.
+  auto qh = q.transpose(1, 2);                              // (B, H, T, hd)
+  auto kh = k.transpose(1, 2).repeat_interleave(group, 1);  // (B, H, T, hd)
+  auto vh = v.transpose(1, 2).repeat_interleave(group, 1);  // (B, H, T, hd)
+  auto scores = torch::matmul(qh, kh.transpose(-1, -2)) / std::sqrt(static_cast<double>(hd));
+  auto allowed =
+      torch::from_blob(const_cast<uint8_t*>(mask.allowed.data()), {B, 1, T, T}, torch::kUInt8)
+          .to(torch::kBool);
+  scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
+  auto probs = torch::softmax(scores, -1);  // (B, H, T, T)
+  auto o = rnd(torch::matmul(probs, vh).transpose(1, 2).reshape({B, T, heads * hd}), p);
+
+  AttentionResult r;
+  torch::Tensor tgw, tgb, aux;
+  if (gate) {
+    const int64_t blk = gate->block, nb = (T + blk - 1) / blk;
+    const int64_t n = static_cast<int64_t>(gate->cost.size());
+    require(blk > 0 && gate->weight.shape == std::vector<int64_t>{n, C} &&
+                gate->bias.shape == std::vector<int64_t>{n} &&
+                gate->choice.shape == std::vector<int64_t>{B, nb},
+            "attention: gate shapes do not match");
+    tgw = tensor(gate->weight, p, true, "gate.weight");
+    tgb = tensor(gate->bias, p, true, "gate.bias");
+    auto xd = tx.to(torch::kFloat64);
+    std::vector<torch::Tensor> means;  // per block (B, C)
+    for (int64_t qb = 0; qb < nb; ++qb) {
+      const int64_t begin = std::max<int64_t>(0, qb * blk - blk + 1), end = qb * blk + 1;
+      means.push_back(xd.narrow(1, begin, end - begin).mean(1));
+    }
+    auto m = torch::stack(means, 1);                                               // (B, nb, C)
+    auto logits = F::linear(m, tgw.to(torch::kFloat64), tgb.to(torch::kFloat64));  // (B, nb, n)
+    r.gate_argmax = index_array(logits.argmax(-1));  // the first maximum, as tessera
+    auto pg = torch::softmax(logits, -1);
+    auto choice = index_tensor(gate->choice);                         // (B, nb)
+    auto pc = pg.gather(-1, choice.unsqueeze(-1)).squeeze(-1);        // (B, nb)
+    auto factor = (pc / pc.detach()).to(torch::kFloat32);             // == 1, straight-through
+    auto per_row = factor.repeat_interleave(blk, 1).narrow(1, 0, T);  // (B, T)
+    o = rnd(o * per_row.unsqueeze(-1), p);
+    auto cost = f64_tensor(gate->cost);
+    auto expected = (pg * cost).sum(-1);  // (B, nb)
+    auto chosen_cost = cost.index_select(0, choice.flatten()).view({B, nb});
+    aux = gate->penalty * (chosen_cost + expected - expected.detach()).mean();
+    r.aux_loss = aux.item<double>();
+  }
+  auto y = out(F::linear(o, f32(two)), p);  // (B, T, C)
+  if (aux.defined())
+    torch::autograd::backward({y, aux}, {tensor(dy, p, false, "dy"), torch::ones_like(aux)});
+  else
+    backward(y, dy, p);
+  r.y = array(y);
+  r.dx = grad_of(tx);
+  r.dwq = grad_of(twq);
+  r.dwk = grad_of(twk);
+  r.dwv = grad_of(twv);
+  r.dwo = grad_of(two);
+  if (gate) {
+    r.dgate_weight = grad_of(tgw);
+    r.dgate_bias = grad_of(tgb);
+  }
+  return r;
+}
+
+// ---- mixture of experts ------------------------------------------------------------------------
+
+namespace {
+// Indices that sort each row by descending value, equal values in index order (stable): the
+// "ties to the lower index" rule of the routing.
+torch::Tensor ranked(const torch::Tensor& t) {
+  return std::get<1>(torch::sort(t, /*stable=*/true, /*dim=*/-1, /*descending=*/true));
+}
+}  // namespace
+
+MoEResult moe(const Array& x, const Array& gate, const std::vector<FfnWeights>& experts,
+              const std::vector<FfnWeights>& shared, const MoESpec& spec, const Array& dy,
+              Precision p) {
+  namespace F = torch::nn::functional;
+  require(x.shape.size() == 2 && gate.shape.size() == 2 && gate.shape[1] == x.shape[1],
+          "moe: x must be (tokens, d) and gate (experts, d)");
+  const int64_t tokens = x.shape[0], d = x.shape[1], n = gate.shape[0], k = spec.top_k;
+  require(static_cast<int64_t>(experts.size()) == n, "moe: one FfnWeights per expert");
+  require(1 <= k && k <= n && spec.groups >= 1 && n % spec.groups == 0 && 1 <= spec.top_groups &&
+              spec.top_groups <= spec.groups,
+          "moe: top_k / groups do not fit the experts");
+
+  struct Leaves {
+    torch::Tensor gate, up, down;
+  };
+  auto leaves = [&](const FfnWeights& w) {
+    return Leaves{tensor(w.w_gate, p, true, "w_gate"), tensor(w.w_up, p, true, "w_up"),
+                  tensor(w.w_down, p, true, "w_down")};
+  };
+  // SwiGLU, rounded where tessera's SwiGluFfn stores gate, up, act and its output.
+  auto ffn = [&](const Leaves& l, const torch::Tensor& xs) {
+    auto g = rnd(F::linear(xs, f32(l.gate)), p);
+    auto u = rnd(F::linear(xs, f32(l.up)), p);
+    auto a = rnd(torch::silu(g) * u, p);
+    return rnd(F::linear(a, f32(l.down)), p);
+  };
+  std::vector<Leaves> te, ts;
+  for (const auto& w : experts) te.push_back(leaves(w));
+  for (const auto& w : shared) ts.push_back(leaves(w));
+
+  auto tx = tensor(x, p, true, "x"), tg = tensor(gate, p, true, "gate");
+  auto xf = f32(tx);
+  auto logits = rnd(F::linear(xf, f32(tg)), p);  // (tokens, n)
+  auto s = spec.score == RouterScore::kSoftmax ? torch::softmax(logits, -1)
+                                               : torch::sigmoid(logits);  // (tokens, n)
+
+  // The choice: no gradient. Selection scores s (+ bias), -inf outside the kept groups.
+  auto sel = s.detach().clone();
+  if (spec.selection_bias)
+    sel = sel + tensor(*spec.selection_bias, Precision::kFloat32, false, "selection_bias");
+  if (spec.groups > 1) {
+    const int64_t per = n / spec.groups;
+    auto best =
+        std::get<0>(sel.view({tokens, spec.groups, per}).topk(std::min<int64_t>(2, per), -1));
+    auto group_score = best.sum(-1);  // (tokens, groups)
+    auto top = ranked(group_score).narrow(1, 0, spec.top_groups);
+    auto keep = torch::zeros({tokens, spec.groups}, torch::kBool).scatter(1, top, true);
+    sel = sel.masked_fill(keep.repeat_interleave(per, 1).logical_not(),
+                          -std::numeric_limits<double>::infinity());
+  }
+  auto chosen = ranked(sel).narrow(1, 0, k).contiguous();  // (tokens, k)
+  auto w = s.gather(1, chosen);                            // (tokens, k)
+  if (spec.renormalize) w = w / w.sum(-1, /*keepdim=*/true);
+
+  // Experts one by one: the assignments a = t * k + j routed to e, in token order; under a
+  // capacity the first `capacity` of them run and the rest are dropped.
+  auto flat = chosen.flatten();
+  auto wflat = w.flatten();
+  std::vector<int64_t> kept(static_cast<size_t>(tokens * k), 1);
+  auto y = torch::zeros({tokens, d}, torch::kFloat32);
+  for (int64_t e = 0; e < n; ++e) {
+    auto assigned = (flat == e).nonzero().flatten();  // ascending: token order
+    if (spec.capacity >= 0 && assigned.size(0) > spec.capacity) {
+      auto acc = assigned.accessor<int64_t, 1>();
+      for (int64_t i = spec.capacity; i < assigned.size(0); ++i) kept[size_t(acc[i])] = 0;
+      assigned = assigned.narrow(0, 0, spec.capacity);
+    }
+    if (assigned.numel() == 0) continue;
+    auto tok = torch::div(assigned, k, "floor");
+    auto ye = ffn(te[size_t(e)], xf.index_select(0, tok));  // (rows, d)
+    y = y.index_add(0, tok, ye * wflat.index_select(0, assigned).unsqueeze(1));
+  }
+  for (const Leaves& l : ts) y = y + ffn(l, xf);
+  y = out(y, p);
+
+  MoEResult r;
+  torch::Tensor aux;
+  if (spec.aux_alpha > 0) {
+    // f_i: share of the assignments (before capacity), a count; P_i: mean of p_i over tokens,
+    // p = s for softmax, s / sum(s) for sigmoid scores.
+    auto f = torch::bincount(flat, {}, n).to(torch::kFloat64) / static_cast<double>(tokens * k);
+    auto sd = s.to(torch::kFloat64);
+    auto prob = spec.score == RouterScore::kSoftmax ? sd : sd / sd.sum(-1, /*keepdim=*/true);
+    aux = spec.aux_alpha * static_cast<double>(n) * (f * prob.mean(0)).sum();
+    r.aux_loss = aux.item<double>();
+  }
+  if (aux.defined())
+    torch::autograd::backward({y, aux},
+                              {tensor(dy, p, false, "dy"), torch::full_like(aux, spec.aux_grad)});
+  else
+    backward(y, dy, p);
+
+  r.y = array(y);
+  r.dx = grad_of(tx);
+  r.dgate = grad_of(tg);
+  for (const Leaves& l : te) r.experts.push_back({grad_of(l.gate), grad_of(l.up), grad_of(l.down)});
+  for (const Leaves& l : ts) r.shared.push_back({grad_of(l.gate), grad_of(l.up), grad_of(l.down)});
+  r.chosen = index_array(chosen);
+  r.weights = array(w);
+  r.kept = IndexArray{kept, {tokens, k}};
+  r.selection = array(sel);
+  return r;
 }
 
 }  // namespace torch_ref

@@ -214,6 +214,97 @@ RopeTables rope_tables(const RopeSpec& spec);
 UnaryResult rope(const Array& x, const IndexArray& positions, const RopeSpec& spec, const Array& dy,
                  Precision p);
 
+// ---- attention
+// -----------------------------------------------------------------------------------
+
+// Which keys each query may read: allowed[(b * T + i) * T + j] != 0 when query i of sequence b
+// reads key j. Shape (B, T, T). Built by the caller from the window rule it is testing.
+struct Mask {
+  std::vector<uint8_t> allowed;
+  std::vector<int64_t> shape;
+};
+
+// A learned window gate (tessera's LearnedSelector), written from its documented definition:
+// per query block qb of `block` tokens, m = mean of x over the signal rows
+// [max(0, qb * block - block + 1), qb * block] (the block-length span ending at the block's first
+// token), logits = weight m + bias, p = softmax(logits); the block's attention output (before wo)
+// is multiplied by the straight-through factor p_c / stopgrad(p_c) (= 1), c = `choice`; the
+// compute penalty penalty * mean over blocks of (cost_c + E - stopgrad(E)), E = sum_s p_s cost_s,
+// is added to the loss. The gate runs in double (as tessera's does), so its argmax is comparable.
+struct AttentionGate {
+  Array weight;              // (n_sizes, C)
+  Array bias;                // (n_sizes)
+  IndexArray choice;         // (B, blocks) the size index each query block ran with
+  int64_t block = 0;         // tokens per query block
+  std::vector<double> cost;  // (n_sizes) each size's penalty cost
+  double penalty = 0.0;
+};
+
+struct AttentionResult {
+  Array y, dx, dwq, dwk, dwv, dwo;
+  Array dgate_weight, dgate_bias;  // empty without a gate
+  IndexArray gate_argmax;          // (B, blocks) argmax of LibTorch's gate logits (first wins)
+  double aux_loss = 0.0;           // the gate's penalty (0 without a gate)
+};
+
+// Grouped-query attention as plain tensor algebra: q = rope(x wq^T), k = rope(x wk^T),
+// v = x wv^T (heads of head_dim = wq.rows / heads; query head h reads kv head h / (heads /
+// kv_heads) via repeat_interleave), scores q k^T / sqrt(head_dim), -inf where `mask` is 0,
+// softmax over keys, o = P v, y = o wo^T. RoPE at positions 0..T-1 from `rope` (as rope()).
+// x, dy (B, T, C); wq (H*hd, C); wk, wv (KV*hd, C); wo (C, H*hd). The loss is <y, dy> (+ the
+// gate's penalty). For kBFloat16 the result is rounded to bf16 where tessera stores a tensor
+// (after each projection, after RoPE, the attention output o, y), which autograd mirrors on the
+// way back (the gradients at those points are rounded too).
+AttentionResult attention(const Array& x, const Array& wq, const Array& wk, const Array& wv,
+                          const Array& wo, int64_t heads, int64_t kv_heads, const RopeSpec& rope,
+                          const Mask& mask, const std::optional<AttentionGate>& gate,
+                          const Array& dy, Precision p);
+
+// ---- mixture of experts ------------------------------------------------------------------------
+
+enum class RouterScore { kSoftmax, kSigmoid };
+
+// The routing rule, spelled out (tessera's router policies, from docs/moe.md).
+struct MoESpec {
+  RouterScore score = RouterScore::kSoftmax;
+  bool renormalize = false;  // weights = s / sum of the chosen s
+  int64_t top_k = 1;
+  int64_t groups = 1;      // group-limited: experts split into `groups` consecutive groups;
+  int64_t top_groups = 1;  // a group scores the sum of its two best selection scores
+  std::optional<Array> selection_bias;  // (experts) added to s for the choice only
+  double aux_alpha = 0.0;               // > 0: L = alpha N sum_i f_i P_i is added to the loss
+  double aux_grad = 1.0;                // dLoss/dL
+  int64_t capacity = -1;                // rows per expert, first come in token order; -1: unlimited
+};
+
+// One SwiGLU FFN: w_down (silu(w_gate x) * (w_up x)).
+struct FfnWeights {
+  Array w_gate, w_up, w_down;  // (hidden, d), (hidden, d), (d, hidden)
+};
+struct FfnGrads {
+  Array dw_gate, dw_up, dw_down;
+};
+
+struct MoEResult {
+  Array y, dx, dgate;
+  std::vector<FfnGrads> experts, shared;
+  IndexArray chosen;  // (tokens, k) experts by descending selection score, ties to the lower index
+  Array weights;      // (tokens, k)
+  IndexArray kept;    // (tokens, k) 1 when the assignment ran, 0 when capacity dropped it
+  Array selection;    // (tokens, experts) the selection scores (-inf outside the kept groups)
+  double aux_loss = 0.0;
+};
+
+// Mixture of experts as a loop over experts: logits = x gate^T, s = softmax / sigmoid, top-k of
+// s (+ bias) inside the top groups, weights (renormalised or not), then for each expert the
+// kept tokens routed to it go through its FFN and are added back times their weight; every
+// shared expert is added for every token. x, dy (tokens, d); gate (experts, d). Loss
+// <y, dy> + aux_grad * L_aux. For kBFloat16, rounded where tessera stores a tensor (the
+// logits, each FFN's gate / up / activation / output, y).
+MoEResult moe(const Array& x, const Array& gate, const std::vector<FfnWeights>& experts,
+              const std::vector<FfnWeights>& shared, const MoESpec& spec, const Array& dy,
+              Precision p);
+
 // ---- embedding
 // -----------------------------------------------------------------------------------
 
