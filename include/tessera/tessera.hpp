@@ -33,7 +33,15 @@
 
 #include "tessera/nn/attention.hpp"
 #include "tessera/nn/feed_forward.hpp"
+#include "tessera/nn/layers.hpp"
 #include "tessera/nn/moe.hpp"
 #include "tessera/nn/parameter.hpp"
 #include "tessera/nn/router.hpp"
+#include "tessera/nn/transformer_block.hpp"
 #include "tessera/nn/window.hpp"
+
+#include "tessera/models/config.hpp"
+#include "tessera/models/decoder.hpp"
+#include "tessera/models/encoder.hpp"
+#include "tessera/models/trunk.hpp"
+#include "tessera/models/weights.hpp"
