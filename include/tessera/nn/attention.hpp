@@ -150,7 +150,8 @@ class Attention {
   using window_policy = Window;
   using A = attention_detail::acc_t<T>;  // accumulation type
 
-  // The selector's state (gate parameters for LearnedSelector), or an empty placeholder.
+  // The selector's state: gate parameters for LearnedSelector, an empty type (NoSelector) when
+  // the window is fixed.
   using NoSelector = attention_detail::NoSelector;
   using SelectorState = typename attention_detail::selector_state<Window, T>::type;
 
