@@ -10,6 +10,8 @@
 #include <ATen/Version.h>
 #include <torch/torch.h>
 
+#include <cmath>
+#include <limits>
 #include <memory>
 #include <sstream>
 
@@ -124,6 +126,62 @@ Bench cross_entropy_f32(const float* logits, const int64_t* targets, int64_t row
           [st] {
             return std::vector<std::vector<float>>{to_vector(st->loss), to_vector(st->dlogits)};
           }};
+}
+
+Bench attention_f32(const float* q, const float* k, const float* v, const float* d_o,
+                    const int64_t* window, int64_t batch, int64_t seq, int64_t heads,
+                    int64_t kv_heads, int64_t head_dim, bool backward) {
+  // Leaves that may require grad (from_blob: the gradients land in tensors LibTorch allocates).
+  auto tq = wrap_f32(q, {batch, seq, heads, head_dim});
+  auto tk = wrap_f32(k, {batch, seq, kv_heads, head_dim});
+  auto tv = wrap_f32(v, {batch, seq, kv_heads, head_dim});
+  if (backward) {
+    tq.requires_grad_(true);
+    tk.requires_grad_(true);
+    tv.requires_grad_(true);
+  }
+  auto tdo = backward ? wrap_f32(d_o, {batch, seq, heads, head_dim}).permute({0, 2, 1, 3})
+                      : torch::Tensor();
+  // mask (B, 1, T, T): true where the key is NOT read.
+  const auto pos = torch::arange(seq, torch::TensorOptions().dtype(torch::kInt64));
+  const auto i = pos.view({1, 1, seq, 1}), j = pos.view({1, 1, 1, seq});
+  const auto w = torch::from_blob(const_cast<int64_t*>(window), {batch, 1, seq, 1},
+                                  torch::TensorOptions().dtype(torch::kInt64));
+  const auto mask = ((j > i) | (i - j >= w)).contiguous();
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  const int64_t group = heads / kv_heads;
+  struct State {
+    torch::Tensor o;  // (B, H, T, D)
+  };
+  auto st = std::make_shared<State>();
+  auto run = [=]() mutable {
+    if (backward) {
+      tq.mutable_grad() = torch::Tensor();
+      tk.mutable_grad() = torch::Tensor();
+      tv.mutable_grad() = torch::Tensor();
+    }
+    auto qh = tq.permute({0, 2, 1, 3});  // (B, H, T, D)
+    auto kh = tk.permute({0, 2, 1, 3});  // (B, KV, T, D)
+    auto vh = tv.permute({0, 2, 1, 3});
+    if (group > 1) {
+      kh = kh.repeat_interleave(group, 1);
+      vh = vh.repeat_interleave(group, 1);
+    }
+    auto s = torch::matmul(qh, kh.transpose(-2, -1)).mul_(scale);  // (B, H, T, T)
+    s.masked_fill_(mask, -std::numeric_limits<float>::infinity());
+    st->o = torch::matmul(torch::softmax(s, -1), vh);
+    if (backward) st->o.backward(tdo);
+  };
+  auto result = [=] {
+    std::vector<std::vector<float>> out{to_vector(st->o.detach().permute({0, 2, 1, 3}))};
+    if (backward) {
+      out.push_back(to_vector(tq.grad()));
+      out.push_back(to_vector(tk.grad()));
+      out.push_back(to_vector(tv.grad()));
+    }
+    return out;
+  };
+  return {run, result};
 }
 
 }  // namespace torch_side

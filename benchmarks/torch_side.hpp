@@ -47,4 +47,15 @@ Bench rmsnorm_f32(const float* x, const float* weight, int64_t rows, int64_t col
 // {{loss}, {dlogits (rows * vocab)}}.
 Bench cross_entropy_f32(const float* logits, const int64_t* targets, int64_t rows, int64_t vocab);
 
+// Attention's core as a LibTorch 1.13 user writes it (1.13 has no scaled_dot_product_attention):
+// q (B, T, H, D), k and v (B, T, KV, D) as given (after RoPE), kv heads repeated for grouped
+// queries, scores = q k^T / sqrt(D) materialised as (B, H, T, T), masked where key j is not in
+// query i's window (j > i or i - j >= window[b * T + i]; a window >= T is full causal),
+// softmax, o = P v. The mask is built once, here, as a model registers its causal-mask buffer.
+// With `backward`, a run() also calls o.backward(d_o) through autograd (d_o (B, T, H, D)), and
+// result() returns {o, dq, dk, dv} in the inputs' layouts; without it {o}.
+Bench attention_f32(const float* q, const float* k, const float* v, const float* d_o,
+                    const int64_t* window, int64_t batch, int64_t seq, int64_t heads,
+                    int64_t kv_heads, int64_t head_dim, bool backward);
+
 }  // namespace torch_side

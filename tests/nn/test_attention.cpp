@@ -3,16 +3,19 @@
 //   * forward against a naive reference that materialises the masked T x T scores in double;
 //   * properties: causal attention never reads the future, a sliding window ignores tokens
 //     outside it, VariableWindow forced to full equals CausalFull, LocalGlobal's global tokens;
-//   * unusual sizes, work fractions, a 16k-token sequence, bf16 forward.
+//   * unusual sizes, work fractions, a 16k-token sequence, bf16 forward;
+//   * the core alone (core_forward, core_backward) on every compiled instruction-set path, in
+//     float and double, with blockings that pad, against the textbook formulas.
 #define BOOST_TEST_MODULE test_attention
+#include <algorithm>
 #include <boost/test/unit_test.hpp>
-
 #include <chrono>
 #include <cmath>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -287,6 +290,150 @@ BOOST_AUTO_TEST_CASE(unusual_sizes) {
   check_against_reference<V>(5, 1, 61, 20, 7, "VariableWindow<5,37,full> block 7");
 }
 BOOST_AUTO_TEST_SUITE_END()
+
+namespace {
+
+template <class T>
+Tensor<double> widen(TensorView<const T> t) {
+  auto d = Tensor<double>::empty(t.shape());
+  const Tensor<T> c = t.contiguous();
+  for (int64_t i = 0; i < c.numel(); ++i) d.data()[i] = static_cast<double>(c.data()[i]);
+  return d;
+}
+
+template <class T>
+Tensor<T> narrow(const Tensor<double>& d) {
+  auto t = Tensor<T>::empty(d.shape());
+  for (int64_t i = 0; i < d.numel(); ++i) t.data()[i] = static_cast<T>(d.data()[i]);
+  return t;
+}
+
+// The attention core by the textbook formulas, in double, with the T x T matrices materialised:
+// from the layer's saved q, k (after RoPE), v and window choices, and a gradient d_o,
+//   P = softmax(mask(q k^T / sqrt(hd))), o = P v,
+//   dP = dO v^T, dS = P (dP - rowsum(P dP)), dq = dS k / sqrt(hd), dk = dS^T q / sqrt(hd),
+//   dv = P^T dO.
+struct CoreReference {
+  Tensor<double> o, dq, dk, dv;
+};
+
+template <class W>
+CoreReference naive_core(const Tensor<double>& q, const Tensor<double>& k, const Tensor<double>& v,
+                         const Tensor<double>& d_o, const nn::WindowChoice& choice) {
+  const int64_t B = q.dim(0), S = q.dim(1), H = q.dim(2), D = q.dim(3), KV = k.dim(2);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  CoreReference r{Tensor<double>::zeros(q.shape()), Tensor<double>::zeros(q.shape()),
+                  Tensor<double>::zeros(k.shape()), Tensor<double>::zeros(k.shape())};
+  auto at = [&](int64_t b, int64_t t, int64_t heads, int64_t h) {
+    return ((b * S + t) * heads + h) * D;
+  };
+  std::vector<double> p(static_cast<size_t>(S * S)), dp(static_cast<size_t>(S * S));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t g = h / (H / KV);
+      for (int64_t i = 0; i < S; ++i) {
+        double mx = -HUGE_VAL;
+        for (int64_t j = 0; j < S; ++j) {
+          double s = -HUGE_VAL;
+          if (W::allowed(i, j, S, window_of_row<W>(choice, b, i))) {
+            s = 0;
+            for (int64_t d = 0; d < D; ++d)
+              s += q.data()[at(b, i, H, h) + d] * k.data()[at(b, j, KV, g) + d];
+            s *= scale;
+          }
+          p[i * S + j] = s;
+          mx = std::max(mx, s);
+        }
+        double sum = 0;
+        for (int64_t j = 0; j < S; ++j) sum += (p[i * S + j] = std::exp(p[i * S + j] - mx));
+        double delta = 0;
+        for (int64_t j = 0; j < S; ++j) {
+          p[i * S + j] /= sum;
+          double dpij = 0;
+          for (int64_t d = 0; d < D; ++d) {
+            r.o.data()[at(b, i, H, h) + d] += p[i * S + j] * v.data()[at(b, j, KV, g) + d];
+            dpij += d_o.data()[at(b, i, H, h) + d] * v.data()[at(b, j, KV, g) + d];
+          }
+          dp[i * S + j] = dpij;
+          delta += p[i * S + j] * dpij;
+        }
+        for (int64_t j = 0; j < S; ++j) {
+          const double pij = p[i * S + j], ds = pij * (dp[i * S + j] - delta);
+          for (int64_t d = 0; d < D; ++d) {
+            r.dq.data()[at(b, i, H, h) + d] += ds * k.data()[at(b, j, KV, g) + d] * scale;
+            r.dk.data()[at(b, j, KV, g) + d] += ds * q.data()[at(b, i, H, h) + d] * scale;
+            r.dv.data()[at(b, j, KV, g) + d] += pij * d_o.data()[at(b, i, H, h) + d];
+          }
+        }
+      }
+    }
+  return r;
+}
+
+// core_forward and core_backward of Attention<T, W> against naive_core on the layer's own q, k,
+// v. Tolerances: double computes the same sums in another order (1e-12); float accumulates
+// about T products of O(1) terms with 24-bit mantissas (a few 1e-6) plus the float exp.
+template <class T, class W>
+void check_core(int64_t heads, int64_t kv, int64_t S, int64_t C, int64_t block, const char* what) {
+  nn::Attention<T, W> layer(C, heads, kv, Seed{kSeed}, 7, small_options(block));
+  const Tensor<T> x = narrow<T>(random_tensor({kB, S, C}, 31));
+  typename nn::Attention<T, W>::Saved s;
+  (void)layer.forward(x, s);
+  const Tensor<double> d_o = random_tensor(s.o.shape(), 32);
+  const auto g = layer.core_backward(s, narrow<T>(d_o));
+  const Tensor<double> q = widen<T>(s.q), k = widen<T>(s.k);
+  const Tensor<double> v = widen<T>(s.v).reshape(k.shape()).contiguous();
+  const CoreReference ref = naive_core<W>(q, k, v, d_o, s.choice);
+  const double rtol = std::is_same_v<T, double> ? 1e-11 : 2e-4;
+  const double atol = std::is_same_v<T, double> ? 1e-12 : 2e-5;
+  const std::string name = std::string(what) + (std::is_same_v<T, double> ? " double" : " float");
+  check_close(widen<T>(s.o), ref.o, rtol, atol, (name + " o").c_str());
+  check_close(widen<T>(g.dq), ref.dq, rtol, atol, (name + " dq").c_str());
+  check_close(widen<T>(g.dk), ref.dk, rtol, atol, (name + " dk").c_str());
+  check_close(widen<T>(g.dv), ref.dv, rtol, atol, (name + " dv").c_str());
+  double norm = 0;
+  for (int64_t i = 0; i < g.dk.numel(); ++i) norm += std::abs(static_cast<double>(g.dk.data()[i]));
+  BOOST_TEST(norm > 0.0);
+}
+
+template <class T>
+void check_core_blockings() {
+  // head_dim 18: not a multiple of any vector width (2, 4, 8 or 16 lanes); T = 150: not a
+  // multiple of the blocks. Block 64 runs the widest register blocks (4 vectors of columns)
+  // and a 22-row last block (4-row blocks plus single rows); block 40 pads every tile.
+  using V = nn::VariableWindow<nn::Sizes<16, 50, nn::kFull>, nn::LearnedSelector, 64>;
+  check_core<T, nn::CausalFull>(4, 2, 150, 72, 64, "CausalFull block 64");
+  check_core<T, nn::CausalFull>(4, 2, 150, 72, 40, "CausalFull block 40");
+  check_core<T, nn::SlidingWindow<37>>(3, 1, 150, 54, 64, "SlidingWindow<37> block 64 kv 1");
+  check_core<T, LG52E>(4, 4, 150, 72, 40, "LocalGlobal<5,2,false> block 40");
+  check_core<T, V>(4, 2, 150, 72, 64, "VariableWindow<16,50,full> learned, block 64");
+}
+
+}  // namespace
+
+// The tile products are compiled for three vector widths (baseline, AVX2, AVX-512) and picked
+// at run time; each path the processor has runs here (TESSERA_ROW_ISA forces one), in float
+// and double, against the textbook formulas.
+BOOST_AUTO_TEST_CASE(every_kernel_path_matches_the_textbook_core) {
+  namespace rows = ts::ops::rows_detail;
+  const char* old = std::getenv("TESSERA_ROW_ISA");
+  const std::string keep = old ? old : "";
+  std::vector<rows::Isa> done;
+  for (const char* isa : {"baseline", "avx2", "avx512"}) {
+    setenv("TESSERA_ROW_ISA", isa, 1);
+    const rows::Isa path = rows::row_isa();  // a path the processor lacks falls back
+    if (std::find(done.begin(), done.end(), path) != done.end()) continue;
+    done.push_back(path);
+    std::printf("attention kernel path %s\n", rows::to_string(path));
+    check_core_blockings<double>();
+    check_core_blockings<float>();
+  }
+  if (old) {
+    setenv("TESSERA_ROW_ISA", keep.c_str(), 1);
+  } else {
+    unsetenv("TESSERA_ROW_ISA");
+  }
+}
 
 namespace {
 

@@ -16,6 +16,17 @@
 //     memory is O(T * head_dim) and 16k-token sequences run; and key tiles outside the query
 //     block's window are never visited, so the cost follows the window, not T^2. Inside a tile
 //     that is partly outside the window the policy's exact mask is applied per element.
+//   * Speed: each visited tile costs a few (block x head_dim) by (head_dim x block) products,
+//     too small for a BLAS call, so they run on a register-blocked micro-kernel over GCC
+//     vector types (attention_detail::gemm), compiled for 16-, 32- and 64-byte vectors and
+//     picked per call from CPUID like the row ops (ops/detail/rows.hpp; TESSERA_ROW_ISA forces
+//     a path). q, k, v (and dO in backward) are packed once per call into padded tiles, K and
+//     V transposed where the product streams their rows, so the tile loops read contiguous
+//     memory; packing is O(T * head_dim) memory and time. Softmax statistics are kept per
+//     vector lane, exp is the vectorisable float polynomial of the row ops (libm's in double).
+//     The results' contract does not depend on any of this: one summation order per element,
+//     independent of the thread count (it may differ between instruction-set paths, as the
+//     row ops' does).
 //   * Saved for backward: x, q and k after RoPE, v, the attention output o (before wo), and
 //     the per-row logsumexp. Backward recomputes each tile's probabilities from the saved
 //     logsumexp (P = exp(s - lse)) as flash attention does, in two race-free passes: one over
@@ -49,6 +60,7 @@
 #include "tessera/core/tensor.hpp"
 #include "tessera/nn/parameter.hpp"
 #include "tessera/nn/window.hpp"
+#include "tessera/ops/detail/rows.hpp"
 #include "tessera/ops/matmul.hpp"
 #include "tessera/ops/rope.hpp"
 
@@ -129,6 +141,220 @@ void for_each_tile(const TileRange& r, F&& f) {
   for (int64_t t = r.band_begin; t < r.band_end; ++t) f(t);
 }
 
+// ---- vectorised tile products ----------------------------------------------------------------
+// The per-tile products (Q K^T, P V and the backward's four) are small matrix products, (block x
+// head_dim) by (head_dim x block) and back, too small for a BLAS call (its overhead is of the
+// order of the product) but large enough that scalar loops waste most of the core. So they are
+// written here as a register-blocked micro-kernel on GCC/Clang vector types: C (rows x n) =
+// init + A (rows x k) B (k x n), each C element kept in a register while k runs in ascending
+// order. B's rows are contiguous and n is padded to whole vectors; A's elements are broadcast.
+// The same code is compiled for 16-, 32- and 64-byte vectors (baseline x86-64 / NEON, AVX2+FMA,
+// AVX-512) and one is picked per call from CPUID, as the row ops do (ops/detail/rows.hpp):
+// tessera is built with the compiler's baseline flags.
+
+template <class A, int kBytes>
+struct VecOf;
+template <>
+struct VecOf<float, 16> {
+  typedef float type __attribute__((vector_size(16)));
+};
+template <>
+struct VecOf<float, 32> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct VecOf<float, 64> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct VecOf<double, 16> {
+  typedef double type __attribute__((vector_size(16)));
+};
+template <>
+struct VecOf<double, 32> {
+  typedef double type __attribute__((vector_size(32)));
+};
+template <>
+struct VecOf<double, 64> {
+  typedef double type __attribute__((vector_size(64)));
+};
+
+// What C starts from: 0 (a fresh product), C itself (accumulate), or C times a per-row factor
+// (the online softmax's rescaling of the running output).
+enum class Init { kZero, kAdd, kScale };
+
+// One register block: rows [0, kR) and columns [0, kNV vectors) of C.
+template <class A, int kBytes, int kR, int kNV, Init kInit>
+TESSERA_FORCE_INLINE void gemm_block(int64_t k, const A* a, int64_t lda, const A* b, int64_t ldb,
+                                     A* c, int64_t ldc, const A* row_scale) {
+  using V = typename VecOf<A, kBytes>::type;
+  constexpr int kLanes = kBytes / static_cast<int>(sizeof(A));
+  V acc[kR][kNV];
+#pragma GCC unroll 8
+  for (int r = 0; r < kR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < kNV; ++v) {
+      if constexpr (kInit == Init::kZero) {
+        acc[r][v] = V{};
+      } else {
+        __builtin_memcpy(&acc[r][v], c + r * ldc + v * kLanes, sizeof(V));
+        if constexpr (kInit == Init::kScale) acc[r][v] *= row_scale[r];
+      }
+    }
+  for (int64_t p = 0; p < k; ++p) {
+    V bv[kNV];
+#pragma GCC unroll 8
+    for (int v = 0; v < kNV; ++v) __builtin_memcpy(&bv[v], b + p * ldb + v * kLanes, sizeof(V));
+#pragma GCC unroll 8
+    for (int r = 0; r < kR; ++r) {
+      const A s = a[r * lda + p];
+#pragma GCC unroll 8
+      for (int v = 0; v < kNV; ++v) acc[r][v] += s * bv[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < kNV; ++v) __builtin_memcpy(c + r * ldc + v * kLanes, &acc[r][v], sizeof(V));
+}
+
+template <class A, int kBytes, int kR, Init kInit>
+TESSERA_FORCE_INLINE void gemm_rows(int64_t n, int64_t k, const A* a, int64_t lda, const A* b,
+                                    int64_t ldb, A* c, int64_t ldc, const A* row_scale) {
+  constexpr int kLanes = kBytes / static_cast<int>(sizeof(A));
+  // 4 x 4 vectors fill half of AVX-512's 32 registers; 4 x 2 fit the 16 of AVX2 and SSE.
+  constexpr int kNV = kBytes == 64 ? 4 : 2;
+  int64_t j = 0;
+  for (; j + kNV * kLanes <= n; j += kNV * kLanes)
+    gemm_block<A, kBytes, kR, kNV, kInit>(k, a, lda, b + j, ldb, c + j, ldc, row_scale);
+  for (; j < n; j += kLanes)
+    gemm_block<A, kBytes, kR, 1, kInit>(k, a, lda, b + j, ldb, c + j, ldc, row_scale);
+}
+
+template <class A, int kBytes, Init kInit>
+TESSERA_FORCE_INLINE void gemm_body(int64_t rows, int64_t n, int64_t k, const A* a, int64_t lda,
+                                    const A* b, int64_t ldb, A* c, int64_t ldc,
+                                    const A* row_scale) {
+  constexpr int kR = 4;
+  int64_t r = 0;
+  for (; r + kR <= rows; r += kR)
+    gemm_rows<A, kBytes, kR, kInit>(n, k, a + r * lda, lda, b, ldb, c + r * ldc, ldc,
+                                    kInit == Init::kScale ? row_scale + r : nullptr);
+  for (; r < rows; ++r)
+    gemm_rows<A, kBytes, 1, kInit>(n, k, a + r * lda, lda, b, ldb, c + r * ldc, ldc,
+                                   kInit == Init::kScale ? row_scale + r : nullptr);
+}
+
+// One out-of-line product per (type, init, instruction set), shared by every window policy and
+// element type. Inlined into each policy's tile loops it was compiled again for each: a test
+// instantiating a dozen layer types took 126 s to compile instead of 69 s (40 s with the old
+// scalar loops). A call per tile product costs nothing next to the product.
+template <class A, Init kInit>
+__attribute__((noinline)) TESSERA_ROWS_FLATTEN void gemm_baseline(int64_t rows, int64_t n,
+                                                                  int64_t k, const A* a,
+                                                                  int64_t lda, const A* b,
+                                                                  int64_t ldb, A* c, int64_t ldc,
+                                                                  const A* row_scale) {
+  gemm_body<A, 16, kInit>(rows, n, k, a, lda, b, ldb, c, ldc, row_scale);
+}
+#if defined(TESSERA_ROWS_MULTI_ISA)
+template <class A, Init kInit>
+__attribute__((noinline)) TESSERA_ROWS_TARGET_AVX2 void gemm_avx2(int64_t rows, int64_t n,
+                                                                  int64_t k, const A* a,
+                                                                  int64_t lda, const A* b,
+                                                                  int64_t ldb, A* c, int64_t ldc,
+                                                                  const A* row_scale) {
+  gemm_body<A, 32, kInit>(rows, n, k, a, lda, b, ldb, c, ldc, row_scale);
+}
+template <class A, Init kInit>
+__attribute__((noinline)) TESSERA_ROWS_TARGET_AVX512 void gemm_avx512(
+    int64_t rows, int64_t n, int64_t k, const A* a, int64_t lda, const A* b, int64_t ldb, A* c,
+    int64_t ldc, const A* row_scale) {
+  gemm_body<A, 64, kInit>(rows, n, k, a, lda, b, ldb, c, ldc, row_scale);
+}
+#endif
+
+// C (rows x n, row stride ldc) = init + A (rows x k, stride lda) B (k x n, stride ldb), with n a
+// multiple of the vector's lanes. Every C element is summed in one order (its initial value, then
+// p = 0, 1, ..., k - 1), whatever the row and column blocking.
+template <class A, int kBytes, Init kInit>
+TESSERA_FORCE_INLINE void gemm(int64_t rows, int64_t n, int64_t k, const A* a, int64_t lda,
+                               const A* b, int64_t ldb, A* c, int64_t ldc,
+                               const A* row_scale = nullptr) {
+#if defined(TESSERA_ROWS_MULTI_ISA)
+  if constexpr (kBytes == 64) {
+    gemm_avx512<A, kInit>(rows, n, k, a, lda, b, ldb, c, ldc, row_scale);
+    return;
+  } else if constexpr (kBytes == 32) {
+    gemm_avx2<A, kInit>(rows, n, k, a, lda, b, ldb, c, ldc, row_scale);
+    return;
+  }
+#endif
+  if constexpr (kBytes == 16)
+    gemm_baseline<A, kInit>(rows, n, k, a, lda, b, ldb, c, ldc, row_scale);
+}
+
+// The largest of v[0, n), by halving (exact: max does not round, so the order is free).
+template <class A, int64_t n>
+TESSERA_FORCE_INLINE A max_of(const A* v) {
+  A m[n];
+  for (int64_t e = 0; e < n; ++e) m[e] = v[e];
+#pragma GCC unroll 8
+  for (int64_t w = n / 2; w > 0; w /= 2)
+    for (int64_t e = 0; e < w; ++e) m[e] = m[e + w] > m[e] ? m[e + w] : m[e];
+  return m[0];
+}
+
+// The vector width (bytes) of an instruction-set path.
+inline int vector_bytes(ops::rows_detail::Isa isa) {
+  switch (isa) {
+    case ops::rows_detail::Isa::kAvx512:
+      return 64;
+    case ops::rows_detail::Isa::kAvx2:
+      return 32;
+    case ops::rows_detail::Isa::kBaseline:
+      break;
+  }
+  return 16;
+}
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Calls f(std::integral_constant<int, vector bytes>) from a function compiled for `isa`, which
+// inlines f and everything it calls (flatten), so a whole tile loop runs on that path.
+template <class F>
+TESSERA_ROWS_FLATTEN void call_baseline(const F& f) {
+  f(std::integral_constant<int, 16>{});
+}
+#if defined(TESSERA_ROWS_MULTI_ISA)
+template <class F>
+TESSERA_ROWS_TARGET_AVX2 void call_avx2(const F& f) {
+  f(std::integral_constant<int, 32>{});
+}
+template <class F>
+TESSERA_ROWS_TARGET_AVX512 void call_avx512(const F& f) {
+  f(std::integral_constant<int, 64>{});
+}
+#endif
+
+template <class F>
+void with_isa(ops::rows_detail::Isa isa, const F& f) {
+#if defined(TESSERA_ROWS_MULTI_ISA)
+  switch (isa) {
+    case ops::rows_detail::Isa::kAvx512:
+      call_avx512(f);
+      return;
+    case ops::rows_detail::Isa::kAvx2:
+      call_avx2(f);
+      return;
+    case ops::rows_detail::Isa::kBaseline:
+      break;
+  }
+#endif
+  (void)isa;
+  call_baseline(f);
+}
+
 struct NoSelector {
   static constexpr bool kLearned = false;
 };
@@ -150,8 +376,7 @@ class Attention {
   using window_policy = Window;
   using A = attention_detail::acc_t<T>;  // accumulation type
 
-  // The selector's state: gate parameters for LearnedSelector, an empty type (NoSelector) when
-  // the window is fixed.
+  // The selector's state (gate parameters for LearnedSelector), or an empty placeholder.
   using NoSelector = attention_detail::NoSelector;
   using SelectorState = typename attention_detail::selector_state<Window, T>::type;
 
@@ -239,9 +464,7 @@ class Attention {
                        std::span<const int>(sizes.data(), sizes.size()), saved.choice);
     }
 
-    saved.o = Tensor<T>::empty({B, S, heads_, head_dim_});
-    saved.lse = Tensor<A>::empty({B, heads_, S});
-    forward_kernel(B, S, saved);
+    core_forward(saved);
 
     // Work done, counted once per (batch, query block) and multiplied by the heads.
     AttentionStats& st = saved.stats;
@@ -262,6 +485,65 @@ class Attention {
     return ops::linear<T>(saved.o.reshape({B, S, heads_ * head_dim_}), wo_.value);
   }
 
+  // The gradients of the attention core: dq (B, T, heads, hd) and dk, dv (B, T, kv_heads, hd),
+  // with respect to q and k after RoPE.
+  struct CoreGrads {
+    Tensor<T> dq;
+    Tensor<T> dk;
+    Tensor<T> dv;
+  };
+
+  // The attention core alone, the part of forward between the projections: fills saved.o and
+  // saved.lse from saved.q, saved.k, saved.v and saved.choice (forward sets those first). Public
+  // because it is useful by itself: a recompute policy can rebuild o from the saved q, k, v
+  // without redoing the projections, and benchmarks/attention_bench times the kernel alone.
+  void core_forward(Saved& saved) const {
+    const Shape qs = saved.q.shape();
+    TESSERA_CHECK(qs.rank() == 4 && qs[2] == heads_ && qs[3] == head_dim_,
+                  "Attention::core_forward: tensor 'saved.q' must be (B, T, ", heads_, ", ",
+                  head_dim_, "), got shape ", qs);
+    const int64_t B = qs[0], S = qs[1];
+    check_shape("Attention::core_forward", "saved.k", saved.k.shape(),
+                Shape{B, S, kv_heads_, head_dim_});
+    TESSERA_CHECK(saved.v.numel() == B * S * kv_heads_ * head_dim_,
+                  "Attention::core_forward: tensor 'saved.v' has shape ", saved.v.shape(),
+                  ", expected ", B * S * kv_heads_ * head_dim_, " elements (B, T, kv_heads * hd)");
+    if constexpr (Window::kAdaptive) {
+      const int64_t nqb = (S + block_ - 1) / block_;
+      TESSERA_CHECK(
+          saved.choice.blocks == nqb && saved.choice.index.size() == static_cast<size_t>(B * nqb),
+          "Attention::core_forward: saved.choice holds ", saved.choice.index.size(),
+          " window choices, expected one per query block: ", B * nqb);
+    }
+    saved.o = Tensor<T>::empty({B, S, heads_, head_dim_});
+    saved.lse = Tensor<A>::empty({B, heads_, S});
+    forward_kernel(B, S, saved);
+  }
+
+  // The core's backward, from d_o (the gradient of o: (B, T, heads * hd) or (B, T, heads, hd))
+  // and what forward saved.
+  CoreGrads core_backward(const Saved& saved, TensorView<const T, Cpu> d_o) const {
+    TESSERA_CHECK(saved.o.rank() == 4 && saved.lse.rank() == 3,
+                  "Attention::core_backward: 'saved' holds no forward (saved.o has shape ",
+                  saved.o.shape(), "); call forward or core_forward first");
+    const int64_t B = saved.o.dim(0), S = saved.o.dim(1);
+    const bool flat =
+        d_o.rank() == 3 && d_o.dim(0) == B && d_o.dim(1) == S && d_o.dim(2) == heads_ * head_dim_;
+    if (!flat) check_shape("Attention::core_backward", "d_o", d_o.shape(), saved.o.shape());
+    Tensor<T> copy;
+    const T* pdo = d_o.data();
+    if (!d_o.is_contiguous()) {
+      copy = d_o.contiguous();
+      pdo = copy.data();
+    }
+    CoreGrads g;
+    g.dq = Tensor<T>::empty({B, S, heads_, head_dim_});
+    g.dk = Tensor<T>::empty({B, S, kv_heads_, head_dim_});
+    g.dv = Tensor<T>::empty({B, S, kv_heads_, head_dim_});
+    backward_kernel(B, S, saved, pdo, g.dq.data(), g.dk.data(), g.dv.data());
+    return g;
+  }
+
   // dy (B, T, C) -> dx (B, T, C); accumulates into every parameter's grad.
   Tensor<T> backward(TensorView<const T, Cpu> dy, const Saved& saved) {
     const int64_t B = saved.x.dim(0), S = saved.x.dim(1);
@@ -273,13 +555,11 @@ class Attention {
     accumulate(wo_, go.dweight);
     const Tensor<T>& d_o = go.dx;  // (B, T, H * hd)
 
-    auto dq = Tensor<T>::empty({B, S, heads_, head_dim_});
-    auto dk = Tensor<T>::empty({B, S, kv_heads_, head_dim_});
-    auto dv = Tensor<T>::empty({B, S, kv_heads_, head_dim_});
-    backward_kernel(B, S, saved, d_o.data(), dq.data(), dk.data(), dv.data());
+    const CoreGrads core = core_backward(saved, d_o);
+    const Tensor<T>& dv = core.dv;  // (B, T, KV, hd)
 
-    Tensor<T> dq_pre = ops::rope_backward<T>(dq.view(), rope_);  // (B, T, H, hd)
-    Tensor<T> dk_pre = ops::rope_backward<T>(dk.view(), rope_);  // (B, T, KV, hd)
+    Tensor<T> dq_pre = ops::rope_backward<T>(core.dq.view(), rope_);  // (B, T, H, hd)
+    Tensor<T> dk_pre = ops::rope_backward<T>(core.dk.view(), rope_);  // (B, T, KV, hd)
     const auto xv = saved.x.view();
     ops::LinearGrads<T> gq = ops::linear_backward<T>(dq_pre.reshape({B, S, hd_all}), xv, wq_.value, false);
     ops::LinearGrads<T> gk =
@@ -382,186 +662,362 @@ class Attention {
     return B * heads_ * S * std::min<int64_t>(S, 4 * block_) * head_dim_ >= (int64_t{1} << 18);
   }
 
+  // Tiles of q, k, v and dO widened to A and laid out for the tile products, built once per call
+  // (every query block that reads a key tile, every key tile that reads a query block, reuses
+  // them), so the tile loops read contiguous, aligned, padded rows. O(T * head_dim) each.
+  //   pack_rows: rows [0, n) of a tile as (Bp, Dp), row j = src row j times `mul`;
+  //   pack_cols: the same transposed, (D, Bp), column j = src row j times `mul`.
+  // Padding (rows n..Bp, columns D..Dp) is zero, so it adds nothing to a product.
+  static void pack_rows(const T* src, int64_t stride, int64_t n, int64_t D, int64_t Dp, int64_t Bp,
+                        A mul, A* dst) {
+    for (int64_t j = 0; j < n; ++j) {
+      const T* s = src + j * stride;
+      A* d = dst + j * Dp;
+      for (int64_t e = 0; e < D; ++e) d[e] = attention_detail::load<A>(s[e]) * mul;
+      std::fill(d + D, d + Dp, A(0));
+    }
+    std::fill(dst + n * Dp, dst + Bp * Dp, A(0));
+  }
+  // Source rows are read whole (contiguous) and scattered down the columns: the (D, Bp) tile
+  // is at most a few KiB and stays in L1 while it is written.
+  static void pack_cols(const T* src, int64_t stride, int64_t n, int64_t D, int64_t Bp, A mul,
+                        A* dst) {
+    for (int64_t j = 0; j < n; ++j) {
+      const T* s = src + j * stride;
+      for (int64_t e = 0; e < D; ++e) dst[e * Bp + j] = attention_detail::load<A>(s[e]) * mul;
+    }
+    if (n < Bp)
+      for (int64_t e = 0; e < D; ++e) std::fill(dst + e * Bp + n, dst + (e + 1) * Bp, A(0));
+  }
+
+  // Every tile of x (B, S, heads, D), for every head, packed: tile (b, head, t) starts at
+  // ((b * heads + head) * ntiles + t) * tile_size, tile_size = Bp * Dp (rows) or D * Bp (cols).
+  // packed() allocates, pack_into() fills; its loop is an orphaned `omp for nowait`, so inside
+  // a parallel region the team shares the tiles (the caller places the barrier), and outside
+  // one it runs serially. The kernels run everything in one parallel region: each region and
+  // barrier costs a scheduling round trip, and a loaded machine makes those expensive.
+  Tensor<A> packed(int64_t B, int64_t S, int64_t heads, bool transposed, int64_t Bp,
+                   int64_t Dp) const {
+    const int64_t nt = (S + block_ - 1) / block_;
+    return Tensor<A>::empty({B * heads * nt * (transposed ? head_dim_ * Bp : Bp * Dp)});
+  }
+  void pack_into(const T* x, int64_t B, int64_t S, int64_t heads, bool transposed, A mul,
+                 int64_t Bp, int64_t Dp, A* out) const {
+    const int64_t D = head_dim_, blk = block_, nt = (S + blk - 1) / blk;
+    const int64_t tile = transposed ? D * Bp : Bp * Dp;
+#pragma omp for schedule(static) nowait
+    for (int64_t task = 0; task < B * heads * nt; ++task) {
+      const int64_t t = task % nt, h = (task / nt) % heads, b = task / (nt * heads);
+      const int64_t j0 = t * blk, n = std::min(S, j0 + blk) - j0;
+      const T* src = x + ((b * S + j0) * heads + h) * D;
+      if (transposed) {
+        pack_cols(src, heads * D, n, D, Bp, mul, out + task * tile);
+      } else {
+        pack_rows(src, heads * D, n, D, Dp, Bp, mul, out + task * tile);
+      }
+    }
+  }
+
   // Online-softmax forward over the allowed key tiles; fills saved.o and saved.lse.
+  //
+  // One task per (batch, head, query block). Per allowed key tile: S = (scale Q) K^T from the
+  // packed K^T tile (so Q is broadcast and K^T's rows stream), the exact mask and the running
+  // max, P = exp(S - m_new) in place, acc = acc * exp(m_old - m_new) + P V. Per-thread scratch
+  // is O(block * head_dim); head_dim and the key tile are padded to whole vectors (padded keys
+  // are masked, padded features are zero).
   void forward_kernel(int64_t B, int64_t S, Saved& saved) const {
+    using attention_detail::Init;
     using attention_detail::load;
     using attention_detail::store;
+    using ops::rows_detail::exp_acc;
+    constexpr A kNegInf = -std::numeric_limits<A>::infinity();
     const int64_t H = heads_, KV = kv_heads_, D = head_dim_, blk = block_;
     const int64_t group = H / KV;
     const int64_t nqb = (S + blk - 1) / blk;
     const A scale = A(1) / std::sqrt(static_cast<A>(D));
+    const ops::rows_detail::Isa isa = ops::rows_detail::row_isa();
+    const int64_t lanes = attention_detail::vector_bytes(isa) / static_cast<int64_t>(sizeof(A));
+    const int64_t Bp = attention_detail::round_up(blk, lanes);  // a tile of keys, padded
+    const int64_t Dp = attention_detail::round_up(D, lanes);    // head_dim, padded
+    const bool threaded = parallel_worth_it(B, S);
+    Tensor<A> kt_all = packed(B, S, KV, true, Bp, Dp);
+    Tensor<A> v_all = packed(B, S, KV, false, Bp, Dp);
     const T* pq = saved.q.data();
-    const T* pk = saved.k.data();
-    const T* pv = saved.v.data();
     T* po = saved.o.data();
     A* plse = saved.lse.data();
     const WindowChoice& choice = saved.choice;
     const int64_t tasks = B * H * nqb;
-#pragma omp parallel for schedule(dynamic, 1) if (parallel_worth_it(B, S))
-    for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t qb = task % nqb, h = (task / nqb) % H, b = task / (nqb * H);
-      const int64_t kvh = h / group;
-      const int64_t q0 = qb * blk, q1 = std::min(S, q0 + blk), rows = q1 - q0;
-      const int64_t window = window_of(choice, b, qb);
-      // Per row: running max m, running sum l, unnormalised output acc (rows, D).
-      std::vector<A> qs(static_cast<size_t>(rows * D)), acc(static_cast<size_t>(rows * D), A(0));
-      std::vector<A> m(static_cast<size_t>(rows), -std::numeric_limits<A>::infinity());
-      std::vector<A> l(static_cast<size_t>(rows), A(0));
-      std::vector<A> kt(static_cast<size_t>(blk * D)), vt(static_cast<size_t>(blk * D));
-      std::vector<A> s(static_cast<size_t>(blk));
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t d = 0; d < D; ++d)
-          qs[r * D + d] = load<A>(pq[((b * S + q0 + r) * H + h) * D + d]) * scale;
-      const attention_detail::TileRange tiles =
-          attention_detail::tiles_for<Window>(q0, q1, S, window, blk);
-      attention_detail::for_each_tile(tiles, [&](int64_t t) {
-        const int64_t k0 = t * blk, k1 = std::min(S, k0 + blk), cols = k1 - k0;
-        for (int64_t j = 0; j < cols; ++j)
-          for (int64_t d = 0; d < D; ++d) {
-            const int64_t at = ((b * S + k0 + j) * KV + kvh) * D + d;
-            kt[j * D + d] = load<A>(pk[at]);
-            vt[j * D + d] = load<A>(pv[at]);
+#pragma omp parallel if (threaded)
+    {
+      pack_into(saved.k.data(), B, S, KV, true, A(1), Bp, Dp, kt_all.data());
+      pack_into(saved.v.data(), B, S, KV, false, A(1), Bp, Dp, v_all.data());
+      std::vector<A> qs(static_cast<size_t>(blk * D));    // (rows, D), scaled
+      std::vector<A> sp(static_cast<size_t>(blk * Bp));   // (rows, Bp): S, then P
+      std::vector<A> acc(static_cast<size_t>(blk * Dp));  // (rows, Dp): unnormalised output
+      std::vector<A> m(static_cast<size_t>(blk)), corr(static_cast<size_t>(blk));
+      std::vector<A> tile_max(static_cast<size_t>(blk));   // then the exponent base
+      std::vector<A> l(static_cast<size_t>(blk * lanes));  // (rows, lanes): running sums
+#pragma omp barrier
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < tasks; ++task) {
+        attention_detail::with_isa(isa, [&](auto bytes) {
+          constexpr int kBytes = decltype(bytes)::value;
+          // Last query blocks first: under a causal policy they read the most tiles, and
+          // starting the long tasks first keeps a thread from finishing alone.
+          const int64_t qb = nqb - 1 - task % nqb, h = (task / nqb) % H, b = task / (nqb * H);
+          const int64_t kvh = h / group;
+          const int64_t q0 = qb * blk, q1 = std::min(S, q0 + blk), rows = q1 - q0;
+          const int64_t window = window_of(choice, b, qb);
+          const A* kt_head = kt_all.data() + (b * KV + kvh) * nqb * D * Bp;
+          const A* v_head = v_all.data() + (b * KV + kvh) * nqb * Bp * Dp;
+          for (int64_t r = 0; r < rows; ++r) {
+            const T* src = pq + ((b * S + q0 + r) * H + h) * D;
+            for (int64_t d = 0; d < D; ++d) qs[r * D + d] = load<A>(src[d]) * scale;
           }
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t i = q0 + r;
-          const A* qr = &qs[r * D];
-          A tile_max = -std::numeric_limits<A>::infinity();
-          for (int64_t j = 0; j < cols; ++j) {
-            if (!Window::allowed(i, k0 + j, S, window)) {
-              s[j] = -std::numeric_limits<A>::infinity();
-              continue;
+          constexpr int64_t kLanes = kBytes / static_cast<int64_t>(sizeof(A));
+          std::fill(m.begin(), m.end(), kNegInf);
+          std::fill(l.begin(), l.end(), A(0));
+          std::fill(acc.begin(), acc.end(), A(0));
+          const attention_detail::TileRange tiles =
+              attention_detail::tiles_for<Window>(q0, q1, S, window, blk);
+          attention_detail::for_each_tile(tiles, [&](int64_t t) {
+            const int64_t k0 = t * blk, cols = std::min(S, k0 + blk) - k0;
+            attention_detail::gemm<A, kBytes, Init::kZero>(rows, Bp, D, qs.data(), D,
+                                                           kt_head + t * D * Bp, Bp, sp.data(), Bp);
+            // Padded columns and keys the policy forbids become -inf: exp gives them 0. Max and
+            // sum are kept per vector lane (a reduction to one number per tile would be a chain
+            // of kLanes dependent operations per row), and the rows go through three flat
+            // passes rather than one branchy loop, so every pass vectorises.
+            for (int64_t r = 0; r < rows; ++r) {
+              const int64_t i = q0 + r;
+              A* sr = sp.data() + r * Bp;
+              A mx[kLanes];
+              std::fill(mx, mx + kLanes, kNegInf);
+              for (int64_t j0 = 0; j0 < Bp; j0 += kLanes) {
+#pragma omp simd
+                for (int64_t e = 0; e < kLanes; ++e) {
+                  const int64_t j = j0 + e;
+                  const bool ok = (j < cols) & Window::allowed(i, k0 + j, S, window);
+                  const A v = ok ? sr[j] : kNegInf;
+                  sr[j] = v;
+                  mx[e] = v > mx[e] ? v : mx[e];
+                }
+              }
+              tile_max[r] = attention_detail::max_of<A, kLanes>(mx);
             }
-            A dot = 0;
-            for (int64_t d = 0; d < D; ++d) dot += qr[d] * kt[j * D + d];
-            s[j] = dot;
-            tile_max = std::max(tile_max, dot);
+            // New running max; the exponent base stays finite (0) for a row that has met no
+            // allowed key yet, whose scores are all -inf: its P is 0 and its acc, l stay 0.
+#pragma omp simd
+            for (int64_t r = 0; r < rows; ++r) {
+              const A m_new = std::max(m[r], tile_max[r]);
+              const A base = m_new == kNegInf ? A(0) : m_new;
+              corr[r] = exp_acc<A>(m[r] - base);  // exp(-inf) = 0 on the row's first keys
+              m[r] = m_new;
+              tile_max[r] = base;
+            }
+            for (int64_t r = 0; r < rows; ++r) {
+              A* sr = sp.data() + r * Bp;
+              A* lr = l.data() + r * kLanes;
+              const A c = corr[r], base = tile_max[r];
+#pragma omp simd
+              for (int64_t e = 0; e < kLanes; ++e) lr[e] *= c;
+              for (int64_t j0 = 0; j0 < Bp; j0 += kLanes) {
+#pragma omp simd
+                for (int64_t e = 0; e < kLanes; ++e) {
+                  const A p = exp_acc<A>(sr[j0 + e] - base);
+                  sr[j0 + e] = p;
+                  lr[e] += p;
+                }
+              }
+            }
+            attention_detail::gemm<A, kBytes, Init::kScale>(rows, Dp, cols, sp.data(), Bp,
+                                                            v_head + t * Bp * Dp, Dp, acc.data(),
+                                                            Dp, corr.data());
+          });
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i = q0 + r;
+            A sum = 0;  // the lanes in a fixed order
+            for (int64_t e = 0; e < kLanes; ++e) sum += l[r * kLanes + e];
+            const A inv = sum > A(0) ? A(1) / sum : A(0);  // a row with no key outputs 0
+            T* dst = po + ((b * S + i) * H + h) * D;
+            for (int64_t d = 0; d < D; ++d) dst[d] = store<T, A>(acc[r * Dp + d] * inv);
+            plse[(b * H + h) * S + i] = sum > A(0) ? m[r] + std::log(sum) : kNegInf;
           }
-          if (tile_max == -std::numeric_limits<A>::infinity()) continue;  // nothing allowed here
-          const A m_new = std::max(m[r], tile_max);
-          const A correction = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first tile
-          A* ar = &acc[r * D];
-          A sum = 0;
-          for (int64_t d = 0; d < D; ++d) ar[d] *= correction;
-          for (int64_t j = 0; j < cols; ++j) {
-            if (s[j] == -std::numeric_limits<A>::infinity()) continue;
-            const A p = std::exp(s[j] - m_new);
-            sum += p;
-            for (int64_t d = 0; d < D; ++d) ar[d] += p * vt[j * D + d];
-          }
-          l[r] = l[r] * correction + sum;
-          m[r] = m_new;
-        }
-      });
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = q0 + r;
-        const A inv = l[r] > A(0) ? A(1) / l[r] : A(0);  // a row with no key outputs 0
-        for (int64_t d = 0; d < D; ++d)
-          po[((b * S + i) * H + h) * D + d] = store<T, A>(acc[r * D + d] * inv);
-        plse[(b * H + h) * S + i] =
-            l[r] > A(0) ? m[r] + std::log(l[r]) : -std::numeric_limits<A>::infinity();
+        });
       }
     }
   }
 
   // Flash-attention backward: P recomputed from the saved logsumexp, tile by tile.
   //   dV_j = sum_i P_ij dO_i;  dP_ij = dO_i . v_j;  dS_ij = P_ij (dP_ij - Delta_i),
-  //   Delta_i = dO_i . O_i;  dq_i = scale sum_j dS_ij k_j;  dk_j = scale sum_i dS_ij q_i.
+  //   Delta_i = dO_i . O_i;  dq_i = scale sum_j dS_ij k_j;  dk_j = sum_i dS_ij (scale q_i).
+  // S is recomputed exactly as the forward computed it ((scale q) . k, d ascending), so P is
+  // the forward's probability up to the rounding of exp(s - lse).
   void backward_kernel(int64_t B, int64_t S, const Saved& saved, const T* pdo, T* pdq, T* pdk,
                        T* pdv) const {
+    using attention_detail::Init;
     using attention_detail::load;
     using attention_detail::store;
+    using ops::rows_detail::exp_acc;
     const int64_t H = heads_, KV = kv_heads_, D = head_dim_, blk = block_;
     const int64_t group = H / KV;
-    const int64_t nqb = (S + blk - 1) / blk;
+    const int64_t nqb = (S + blk - 1) / blk, nkb = nqb;
     const A scale = A(1) / std::sqrt(static_cast<A>(D));
-    const T* pq = saved.q.data();
-    const T* pk = saved.k.data();
-    const T* pv = saved.v.data();
+    const ops::rows_detail::Isa isa = ops::rows_detail::row_isa();
+    const int64_t lanes = attention_detail::vector_bytes(isa) / static_cast<int64_t>(sizeof(A));
+    const int64_t Bp = attention_detail::round_up(blk, lanes);  // a tile (keys or queries), padded
+    const int64_t Dp = attention_detail::round_up(D, lanes);    // head_dim, padded
+    const int64_t rows_tile = Bp * Dp, cols_tile = D * Bp;      // packed tile sizes
     const T* po = saved.o.data();
     const A* plse = saved.lse.data();
     const WindowChoice& choice = saved.choice;
-    auto q_at = [&](int64_t b, int64_t i, int64_t h) { return ((b * S + i) * H + h) * D; };
-    auto k_at = [&](int64_t b, int64_t j, int64_t g) { return ((b * S + j) * KV + g) * D; };
+    const bool threaded = parallel_worth_it(B, S);
 
-    // Delta_i = dO_i . O_i, (B, H, T).
-    std::vector<A> delta(static_cast<size_t>(B * H * S));
-#pragma omp parallel for schedule(static) if (parallel_worth_it(B, S))
-    for (int64_t bh = 0; bh < B * H; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      for (int64_t i = 0; i < S; ++i) {
-        A s = 0;
-        for (int64_t d = 0; d < D; ++d)
-          s += load<A>(pdo[q_at(b, i, h) + d]) * load<A>(po[q_at(b, i, h) + d]);
-        delta[bh * S + i] = s;
-      }
-    }
+    // (scale q) and dO as rows (A operands of pass 1, B operands of pass 2) and transposed
+    // (B operands of pass 2); k and v as rows (B operands of pass 1, A operands of pass 2) and
+    // transposed (B operands of pass 1).
+    Tensor<A> q_rows = packed(B, S, H, false, Bp, Dp), qt_all = packed(B, S, H, true, Bp, Dp);
+    Tensor<A> do_rows = packed(B, S, H, false, Bp, Dp), dot_all = packed(B, S, H, true, Bp, Dp);
+    Tensor<A> k_rows = packed(B, S, KV, false, Bp, Dp), kt_all = packed(B, S, KV, true, Bp, Dp);
+    Tensor<A> v_rows = packed(B, S, KV, false, Bp, Dp), vt_all = packed(B, S, KV, true, Bp, Dp);
+    std::vector<A> delta(static_cast<size_t>(B * H * S));  // Delta_i = dO_i . O_i, (B, H, T)
 
-    // The probability and dS of one allowed (i, j) pair; returns false when masked.
-    auto pair = [&](int64_t b, int64_t h, int64_t i, int64_t j, int64_t window, A& p, A& ds) {
-      if (!Window::allowed(i, j, S, window)) return false;
-      const int64_t kvh = h / group;
-      A dot = 0, dp = 0;
-      for (int64_t d = 0; d < D; ++d) {
-        dot += load<A>(pq[q_at(b, i, h) + d]) * load<A>(pk[k_at(b, j, kvh) + d]);
-        dp += load<A>(pdo[q_at(b, i, h) + d]) * load<A>(pv[k_at(b, j, kvh) + d]);
-      }
-      p = std::exp(dot * scale - plse[(b * H + h) * S + i]);
-      ds = p * (dp - delta[(b * H + h) * S + i]);
-      return true;
-    };
-
-    // Pass 1: dq, one task per (batch, head, query block).
-#pragma omp parallel for schedule(dynamic, 1) if (parallel_worth_it(B, S))
-    for (int64_t task = 0; task < B * H * nqb; ++task) {
-      const int64_t qb = task % nqb, h = (task / nqb) % H, b = task / (nqb * H);
-      const int64_t kvh = h / group;
-      const int64_t q0 = qb * blk, q1 = std::min(S, q0 + blk), rows = q1 - q0;
-      const int64_t window = window_of(choice, b, qb);
-      std::vector<A> acc(static_cast<size_t>(rows * D), A(0));
-      attention_detail::for_each_tile(
-          attention_detail::tiles_for<Window>(q0, q1, S, window, blk), [&](int64_t t) {
-            const int64_t k0 = t * blk, k1 = std::min(S, k0 + blk);
-            for (int64_t i = q0; i < q1; ++i)
-              for (int64_t j = k0; j < k1; ++j) {
-                A p, ds;
-                if (!pair(b, h, i, j, window, p, ds)) continue;
-                for (int64_t d = 0; d < D; ++d)
-                  acc[(i - q0) * D + d] += ds * load<A>(pk[k_at(b, j, kvh) + d]);
-              }
-          });
-      for (int64_t i = q0; i < q1; ++i)
-        for (int64_t d = 0; d < D; ++d)
-          pdq[q_at(b, i, h) + d] = store<T, A>(acc[(i - q0) * D + d] * scale);
-    }
-
-    // Pass 2: dk, dv, one task per (batch, kv head, key tile); it visits every query block
-    // whose window reads this tile, for every query head of the group, in a fixed order.
-    const int64_t nkb = nqb;
-#pragma omp parallel for schedule(dynamic, 1) if (parallel_worth_it(B, S))
-    for (int64_t task = 0; task < B * KV * nkb; ++task) {
-      const int64_t t = task % nkb, kvh = (task / nkb) % KV, b = task / (nkb * KV);
-      const int64_t k0 = t * blk, k1 = std::min(S, k0 + blk), cols = k1 - k0;
-      std::vector<A> dk(static_cast<size_t>(cols * D), A(0)), dv(static_cast<size_t>(cols * D), A(0));
-      for (int64_t qb = 0; qb < nqb; ++qb) {
-        const int64_t q0 = qb * blk, q1 = std::min(S, q0 + blk);
-        const int64_t window = window_of(choice, b, qb);
-        if (!attention_detail::tiles_for<Window>(q0, q1, S, window, blk).contains(t)) continue;
-        for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h)
-          for (int64_t i = q0; i < q1; ++i)
-            for (int64_t j = k0; j < k1; ++j) {
-              A p, ds;
-              if (!pair(b, h, i, j, window, p, ds)) continue;
-              for (int64_t d = 0; d < D; ++d) {
-                dv[(j - k0) * D + d] += p * load<A>(pdo[q_at(b, i, h) + d]);
-                dk[(j - k0) * D + d] += ds * load<A>(pq[q_at(b, i, h) + d]);
-              }
-            }
-      }
-      for (int64_t j = k0; j < k1; ++j)
-        for (int64_t d = 0; d < D; ++d) {
-          pdk[k_at(b, j, kvh) + d] = store<T, A>(dk[(j - k0) * D + d] * scale);
-          pdv[k_at(b, j, kvh) + d] = store<T, A>(dv[(j - k0) * D + d]);
+#pragma omp parallel if (threaded)
+    {
+#pragma omp for schedule(static) nowait
+      for (int64_t bh = 0; bh < B * H; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        for (int64_t i = 0; i < S; ++i) {
+          const T* dor = pdo + ((b * S + i) * H + h) * D;
+          const T* orow = po + ((b * S + i) * H + h) * D;
+          A sum = 0;
+          for (int64_t d = 0; d < D; ++d) sum += load<A>(dor[d]) * load<A>(orow[d]);
+          delta[bh * S + i] = sum;
         }
+      }
+      pack_into(saved.q.data(), B, S, H, false, scale, Bp, Dp, q_rows.data());
+      pack_into(saved.q.data(), B, S, H, true, scale, Bp, Dp, qt_all.data());
+      pack_into(pdo, B, S, H, false, A(1), Bp, Dp, do_rows.data());
+      pack_into(pdo, B, S, H, true, A(1), Bp, Dp, dot_all.data());
+      pack_into(saved.k.data(), B, S, KV, false, A(1), Bp, Dp, k_rows.data());
+      pack_into(saved.k.data(), B, S, KV, true, A(1), Bp, Dp, kt_all.data());
+      pack_into(saved.v.data(), B, S, KV, false, A(1), Bp, Dp, v_rows.data());
+      pack_into(saved.v.data(), B, S, KV, true, A(1), Bp, Dp, vt_all.data());
+      // Per-thread scratch of pass 1 ...
+      std::vector<A> sp(static_cast<size_t>(blk * Bp)), dp(static_cast<size_t>(blk * Bp));
+      std::vector<A> acc(static_cast<size_t>(blk * Dp));
+      // ... and of pass 2.
+      std::vector<A> st(static_cast<size_t>(blk * Bp)), dpt(static_cast<size_t>(blk * Bp));
+      std::vector<A> lse_r(static_cast<size_t>(Bp), A(0)), delta_r(static_cast<size_t>(Bp), A(0));
+      std::vector<A> dk(static_cast<size_t>(blk * Dp)), dv(static_cast<size_t>(blk * Dp));
+#pragma omp barrier
+
+      // Pass 1: dq, one task per (batch, head, query block); per key tile S = (scale Q) K^T,
+      // dP = dO V^T, dS = P (dP - Delta) in place of S, dq += dS K. No barrier after it: pass
+      // 2 writes other outputs, so a thread done here goes on to pass 2.
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t task = 0; task < B * H * nqb; ++task) {
+        attention_detail::with_isa(isa, [&](auto bytes) {
+          constexpr int kBytes = decltype(bytes)::value;
+          const int64_t qb = nqb - 1 - task % nqb, h = (task / nqb) % H, b = task / (nqb * H);
+          const int64_t kvh = h / group;
+          const int64_t q0 = qb * blk, q1 = std::min(S, q0 + blk), rows = q1 - q0;
+          const int64_t window = window_of(choice, b, qb);
+          const A* qs = q_rows.data() + ((b * H + h) * nqb + qb) * rows_tile;
+          const A* dos = do_rows.data() + ((b * H + h) * nqb + qb) * rows_tile;
+          const int64_t kv_tiles = (b * KV + kvh) * nkb;
+          std::fill(acc.begin(), acc.end(), A(0));
+          attention_detail::for_each_tile(
+              attention_detail::tiles_for<Window>(q0, q1, S, window, blk), [&](int64_t t) {
+                const int64_t k0 = t * blk, cols = std::min(S, k0 + blk) - k0;
+                attention_detail::gemm<A, kBytes, Init::kZero>(
+                    rows, Bp, D, qs, Dp, kt_all.data() + (kv_tiles + t) * cols_tile, Bp, sp.data(),
+                    Bp);
+                attention_detail::gemm<A, kBytes, Init::kZero>(
+                    rows, Bp, D, dos, Dp, vt_all.data() + (kv_tiles + t) * cols_tile, Bp, dp.data(),
+                    Bp);
+                for (int64_t r = 0; r < rows; ++r) {
+                  const int64_t i = q0 + r;
+                  const A lse = plse[(b * H + h) * S + i], dl = delta[(b * H + h) * S + i];
+                  A* sr = sp.data() + r * Bp;
+                  const A* dpr = dp.data() + r * Bp;
+#pragma omp simd
+                  for (int64_t j = 0; j < Bp; ++j) {
+                    // exp first, then the select: under the default -ftrapping-math GCC
+                    // does not if-convert a float operation behind a condition, and the
+                    // loop would stay scalar. Masked lanes are finite (stale or padding).
+                    const A e = exp_acc<A>(sr[j] - lse);
+                    const bool ok = (j < cols) & Window::allowed(i, k0 + j, S, window);
+                    const A p = ok ? e : A(0);
+                    sr[j] = p * (dpr[j] - dl);
+                  }
+                }
+                attention_detail::gemm<A, kBytes, Init::kAdd>(
+                    rows, Dp, cols, sp.data(), Bp, k_rows.data() + (kv_tiles + t) * rows_tile, Dp,
+                    acc.data(), Dp);
+              });
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t d = 0; d < D; ++d)
+              pdq[((b * S + q0 + r) * H + h) * D + d] = store<T, A>(acc[r * Dp + d] * scale);
+        });
+      }
+
+      // Pass 2: dk, dv, one task per (batch, kv head, key tile); it visits every query block
+      // whose window reads this tile, for every query head of the group, in a fixed order.
+      // Here the products run transposed, keys as rows: S^T = K (scale Q)^T, dP^T = V dO^T,
+      // P^T and dS^T in their place, dv += P^T dO, dk += dS^T (scale Q).
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < B * KV * nkb; ++task) {
+        attention_detail::with_isa(isa, [&](auto bytes) {
+          constexpr int kBytes = decltype(bytes)::value;
+          const int64_t t = task % nkb, kvh = (task / nkb) % KV, b = task / (nkb * KV);
+          const int64_t k0 = t * blk, k1 = std::min(S, k0 + blk), cols = k1 - k0;
+          const A* ks = k_rows.data() + task * rows_tile;
+          const A* vs = v_rows.data() + task * rows_tile;
+          std::fill(dk.begin(), dk.end(), A(0));
+          std::fill(dv.begin(), dv.end(), A(0));
+          for (int64_t qb = 0; qb < nqb; ++qb) {
+            const int64_t q0 = qb * blk, q1 = std::min(S, q0 + blk), rows = q1 - q0;
+            const int64_t window = window_of(choice, b, qb);
+            if (!attention_detail::tiles_for<Window>(q0, q1, S, window, blk).contains(t)) continue;
+            for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+              const int64_t q_tile = (b * H + h) * nqb + qb;
+              for (int64_t r = 0; r < rows; ++r) {
+                lse_r[r] = plse[(b * H + h) * S + q0 + r];
+                delta_r[r] = delta[(b * H + h) * S + q0 + r];
+              }
+              attention_detail::gemm<A, kBytes, Init::kZero>(
+                  cols, Bp, D, ks, Dp, qt_all.data() + q_tile * cols_tile, Bp, st.data(), Bp);
+              attention_detail::gemm<A, kBytes, Init::kZero>(
+                  cols, Bp, D, vs, Dp, dot_all.data() + q_tile * cols_tile, Bp, dpt.data(), Bp);
+              for (int64_t c = 0; c < cols; ++c) {
+                const int64_t j = k0 + c;
+                A* sr = st.data() + c * Bp;
+                A* dr = dpt.data() + c * Bp;
+#pragma omp simd
+                for (int64_t r = 0; r < Bp; ++r) {
+                  const A e = exp_acc<A>(sr[r] - lse_r[r]);  // before the select, as in pass 1
+                  const bool ok = (r < rows) & Window::allowed(q0 + r, j, S, window);
+                  const A p = ok ? e : A(0);
+                  sr[r] = p;
+                  dr[r] = p * (dr[r] - delta_r[r]);
+                }
+              }
+              attention_detail::gemm<A, kBytes, Init::kAdd>(cols, Dp, rows, st.data(), Bp,
+                                                            do_rows.data() + q_tile * rows_tile, Dp,
+                                                            dv.data(), Dp);
+              attention_detail::gemm<A, kBytes, Init::kAdd>(cols, Dp, rows, dpt.data(), Bp,
+                                                            q_rows.data() + q_tile * rows_tile, Dp,
+                                                            dk.data(), Dp);
+            }
+          }
+          for (int64_t j = 0; j < cols; ++j)
+            for (int64_t d = 0; d < D; ++d) {
+              pdk[((b * S + k0 + j) * KV + kvh) * D + d] = store<T, A>(dk[j * Dp + d]);
+              pdv[((b * S + k0 + j) * KV + kvh) * D + d] = store<T, A>(dv[j * Dp + d]);
+            }
+        });
+      }
     }
   }
 
