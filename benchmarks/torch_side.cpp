@@ -185,3 +185,128 @@ Bench attention_f32(const float* q, const float* k, const float* v, const float*
 }
 
 }  // namespace torch_side
+
+namespace torch_side {
+
+Bench block_f32(const float* x, const float* dy, const BlockShape& s, const BlockPointers& w,
+                bool backward) {
+  namespace F = torch::nn::functional;
+  const int64_t B = s.batch, T = s.seq, C = s.d_model, H = s.heads, KV = s.kv_heads;
+  const int64_t hd = C / H, group = H / KV;
+  auto leaf = [&](const float* p, std::vector<int64_t> shape) {
+    auto t = wrap_f32(p, std::move(shape));
+    if (backward) t.requires_grad_(true);
+    return t;
+  };
+  struct Ffn {
+    torch::Tensor gate, up, down;
+  };
+  auto ffn_leaves = [&](const FfnPointers& f) {
+    return Ffn{leaf(f.w_gate, {s.hidden, C}), leaf(f.w_up, {s.hidden, C}),
+               leaf(f.w_down, {C, s.hidden})};
+  };
+  struct Weights {
+    torch::Tensor x, norm1, wq, wk, wv, wo, norm2, router;
+    Ffn dense;
+    std::vector<Ffn> experts;
+  };
+  auto wt = std::make_shared<Weights>();
+  wt->x = leaf(x, {B, T, C});
+  wt->norm1 = leaf(w.norm1, {C});
+  wt->wq = leaf(w.wq, {H * hd, C});
+  wt->wk = leaf(w.wk, {KV * hd, C});
+  wt->wv = leaf(w.wv, {KV * hd, C});
+  wt->wo = leaf(w.wo, {C, H * hd});
+  wt->norm2 = leaf(w.norm2, {C});
+  if (s.experts == 0) {
+    wt->dense = ffn_leaves(w.dense);
+  } else {
+    wt->router = leaf(w.router, {s.experts, C});
+    for (const FfnPointers& e : w.experts) wt->experts.push_back(ffn_leaves(e));
+  }
+  auto tdy = backward ? wrap_f32(dy, {B, T, C}) : torch::Tensor();
+  // Buffers a model builds once: the RoPE tables (angles in double, then float) and the mask.
+  const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  auto inv_freq = 1.0 / torch::pow(s.rope_theta, torch::arange(0, hd, 2, f64) / double(hd));
+  auto angle = torch::arange(T, f64).unsqueeze(1) * inv_freq;      // (T, hd/2)
+  auto cos = torch::cos(angle).to(torch::kFloat32).view({1, T, 1, hd / 2});
+  auto sin = torch::sin(angle).to(torch::kFloat32).view({1, T, 1, hd / 2});
+  auto mask = torch::ones({T, T}, torch::TensorOptions().dtype(torch::kBool)).triu(1);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+  const float eps = static_cast<float>(s.eps);
+  const int64_t top_k = s.top_k, n_experts = s.experts;
+
+  auto rmsnorm = [eps](const torch::Tensor& t, const torch::Tensor& g) {
+    return t * torch::rsqrt(t.pow(2).mean(-1, /*keepdim=*/true) + eps) * g;
+  };
+  auto rope = [cos, sin, hd](const torch::Tensor& t) {  // (B, T, heads, hd), rotate_half
+    auto x1 = t.narrow(-1, 0, hd / 2), x2 = t.narrow(-1, hd / 2, hd / 2);
+    return torch::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1);
+  };
+  auto swiglu = [](const Ffn& f, const torch::Tensor& t) {
+    return F::linear(torch::silu(F::linear(t, f.gate)) * F::linear(t, f.up), f.down);
+  };
+
+  struct State {
+    torch::Tensor y;
+  };
+  auto st = std::make_shared<State>();
+  auto run = [=]() mutable {
+    Weights& p = *wt;
+    if (backward) {
+      for (torch::Tensor* t : {&p.x, &p.norm1, &p.wq, &p.wk, &p.wv, &p.wo, &p.norm2, &p.router,
+                               &p.dense.gate, &p.dense.up, &p.dense.down})
+        if (t->defined()) t->mutable_grad() = torch::Tensor();
+      for (Ffn& e : p.experts)
+        for (torch::Tensor* t : {&e.gate, &e.up, &e.down}) t->mutable_grad() = torch::Tensor();
+    }
+    auto h1 = rmsnorm(p.x, p.norm1);                                       // (B, T, C)
+    auto q = rope(F::linear(h1, p.wq).view({B, T, H, hd})).transpose(1, 2);   // (B, H, T, hd)
+    auto k = rope(F::linear(h1, p.wk).view({B, T, KV, hd})).transpose(1, 2);  // (B, KV, T, hd)
+    auto v = F::linear(h1, p.wv).view({B, T, KV, hd}).transpose(1, 2);
+    if (group > 1) {
+      k = k.repeat_interleave(group, 1);
+      v = v.repeat_interleave(group, 1);
+    }
+    auto scores = torch::matmul(q, k.transpose(-2, -1)).mul_(scale);  // (B, H, T, T)
+    scores.masked_fill_(mask, -std::numeric_limits<float>::infinity());
+    auto o = torch::matmul(torch::softmax(scores, -1), v).transpose(1, 2).reshape({B, T, C});
+    auto h = p.x + F::linear(o, p.wo);  // (B, T, C)
+    auto h2 = rmsnorm(h, p.norm2);
+    torch::Tensor f;
+    if (n_experts == 0) {
+      f = swiglu(p.dense, h2);
+    } else {
+      auto flat = h2.reshape({B * T, C});                                  // (N, C)
+      auto probs = torch::softmax(F::linear(flat, p.router), -1);          // (N, E)
+      auto [top_w, top_i] = torch::topk(probs, top_k, -1);                 // (N, k)
+      auto out = torch::zeros_like(flat);
+      // (E, k, N) one-hot of the choices, as Mixtral's reference loop builds it.
+      auto hit = F::one_hot(top_i, n_experts).permute({2, 1, 0});
+      for (int64_t e = 0; e < n_experts; ++e) {
+        auto idx = torch::where(hit[e]);  // slot, token
+        const auto& slot = idx[0];
+        const auto& tok = idx[1];
+        if (tok.numel() == 0) continue;
+        auto ye = swiglu(p.experts[size_t(e)], flat.index_select(0, tok));
+        auto we = top_w.index({tok, slot}).unsqueeze(1);
+        out = out.index_add(0, tok, ye * we);
+      }
+      f = out.view({B, T, C});
+    }
+    st->y = h + f;
+    if (backward) st->y.backward(tdy);
+  };
+  auto result = [=] {
+    std::vector<std::vector<float>> out{to_vector(st->y.detach())};
+    if (backward) {
+      out.push_back(to_vector(wt->x.grad()));
+      out.push_back(to_vector(wt->wq.grad()));
+      out.push_back(to_vector(n_experts == 0 ? wt->dense.down.grad() : wt->experts[0].down.grad()));
+    }
+    return out;
+  };
+  return {run, result};
+}
+
+}  // namespace torch_side

@@ -59,3 +59,50 @@ Bench attention_f32(const float* q, const float* k, const float* v, const float*
                     int64_t kv_heads, int64_t head_dim, bool backward);
 
 }  // namespace torch_side
+
+namespace torch_side {
+
+// One pre-norm decoder block's weights, as plain pointers into the caller's buffers (row-major,
+// matrices (out, in) as nn.Linear stores them). Dense blocks set w_gate/w_up/w_down; MoE blocks
+// set router (experts, d_model) and one {w_gate, w_up, w_down} triple per expert.
+struct FfnPointers {
+  const float* w_gate = nullptr;  // (hidden, d_model)
+  const float* w_up = nullptr;    // (hidden, d_model)
+  const float* w_down = nullptr;  // (d_model, hidden)
+};
+struct BlockPointers {
+  const float* norm1 = nullptr;  // (d_model)
+  const float* wq = nullptr;     // (heads * head_dim, d_model)
+  const float* wk = nullptr;     // (kv_heads * head_dim, d_model)
+  const float* wv = nullptr;
+  const float* wo = nullptr;     // (d_model, heads * head_dim)
+  const float* norm2 = nullptr;  // (d_model)
+  FfnPointers dense;             // dense FFN (experts == 0)
+  const float* router = nullptr;     // (experts, d_model), MoE only
+  std::vector<FfnPointers> experts;  // (experts), MoE only
+};
+struct BlockShape {
+  int64_t batch = 0, seq = 0, d_model = 0, heads = 0, kv_heads = 0;
+  int64_t hidden = 0;   // the dense FFN's width, or each expert's
+  int64_t experts = 0;  // 0: dense FFN
+  int64_t top_k = 0;
+  double eps = 1e-6;
+  double rope_theta = 10000.0;
+};
+
+// A pre-norm decoder block as a LibTorch 1.13 user writes it:
+//   h = x + wo(attn(rope(wq n1(x)), rope(wk n1(x)), wv n1(x)))   causal mask, softmax(q k^T / sqrt(hd))
+//   y = h + ffn(n2(h))
+// RMSNorm as LlamaRMSNorm, RoPE half-split ("rotate_half") from cos/sin tables built once (a
+// model's buffer), attention as matmul + masked_fill + softmax + matmul (1.13 has no fused
+// attention), the FFN SwiGLU. MoE: logits = router x, softmax, topk(k) (weights not
+// renormalised: TopKSoftmax), then the gather loop of Mixtral's / DeepSeek's reference code:
+// for each expert, the (token, slot) pairs routed to it (nonzero of the one-hot mask),
+// index_select of their rows, the expert's SwiGLU, times the weight, index_add back.
+// With `backward` a run() also calls y.backward(dy) (x and every weight require grad; grads are
+// reset to none first) and result() returns {y, dx, dwq, dw_down (dense, or expert 0's)};
+// without it {y}.
+Bench block_f32(const float* x, const float* dy, const BlockShape& shape, const BlockPointers& w,
+                bool backward);
+
+}  // namespace torch_side

@@ -6,6 +6,8 @@
 // (checked as an encoder config); CTest runs each build and requires the compiler's output to
 // contain the rule's static_assert message (tests/models/CMakeLists.txt). Only the config
 // header is included, so each build is a few seconds.
+#include <type_traits>
+
 #include "tessera/models/config.hpp"
 
 namespace ts = tessera;
@@ -31,6 +33,15 @@ struct WindowSizesNotIncreasing : Good {
 };
 struct DenseLayersAboveLayers : Good { static constexpr int dense_layers = 5; };
 struct BidirectionalDecoder : Good { using Window = ts::Bidirectional; };
+// Per-layer windows: layer 2 of 4 bidirectional, in a decoder.
+struct BidirectionalLayer : Good {
+  template <int Layer>
+  using WindowAt = std::conditional_t<Layer == 2, ts::Bidirectional, ts::SlidingWindow<128>>;
+};
+struct GoodLayered : Good {
+  template <int Layer>
+  using WindowAt = std::conditional_t<Layer % 2 == 0, ts::SlidingWindow<128>, Window>;
+};
 struct MissingVocab { static constexpr int d_model = 64, layers = 1, heads = 4; };
 struct OneClass : GoodEncoder { static constexpr int classes = 1; };
 
@@ -42,6 +53,8 @@ static_assert(ts::check_decoder_config<TESSERA_BAD_CONFIG>());
 static_assert(ts::check_encoder_config<TESSERA_BAD_ENCODER>());
 #else
 static_assert(ts::check_decoder_config<Good>());
+static_assert(ts::check_decoder_config<GoodLayered>() && ts::DecoderConfig<GoodLayered>);
+static_assert(!ts::DecoderConfig<BidirectionalLayer>);
 static_assert(ts::check_encoder_config<GoodEncoder>());
 static_assert(ts::DecoderConfig<Good> && ts::EncoderConfig<GoodEncoder>);
 #endif

@@ -26,6 +26,7 @@
 #include <random>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -250,6 +251,12 @@ typename nn::TransformerBlock<double, Window, FfnSpec>::Saved check_block_gradie
 namespace models_test {
 
 // The saved state of block `l` inside a model's saved trunk (the blocks come in up to two types).
+// With per-layer windows the layer index is a std::integral_constant and the states a tuple.
+template <class Model, class Block, int64_t L>
+const typename Block::Saved& block_saved(const typename Model::Saved& base,
+                                         std::integral_constant<int64_t, L>) {
+  return std::get<L>(base.trunk.layers);
+}
 template <class Model, class Block>
 const typename Block::Saved& block_saved(const typename Model::Saved& base, int64_t l) {
   const int64_t nd = static_cast<int64_t>(base.trunk.dense.size());
@@ -271,7 +278,7 @@ Tensor<double> trunk_surrogate(Model& m, TensorView<const int32_t> tokens,
                                const typename Model::Saved& base, double& aux, Decisions& dec) {
   typename nn::Embedding<double>::Saved es;
   Tensor<double> h = m.embedding().forward(tokens, es);
-  m.for_each_block([&](int64_t l, auto& blk) {
+  m.for_each_block([&](auto l, auto& blk) {
     using Block = std::remove_cvref_t<decltype(blk)>;
     h = block_surrogate(blk, h, block_saved<Model, Block>(base, l), aux, dec);
   });

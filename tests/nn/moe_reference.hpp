@@ -166,3 +166,21 @@ void check_forward(nn::MoELayer<double, Spec>& m, const Tensor<double>& x, const
       BOOST_TEST(saved.route.chosen(t, j) == r.chosen[size_t(t)][size_t(j)]);
 }
 }  // namespace moe_test
+
+// The names both MoE test programs use unqualified (`using namespace moe_test::prelude;`), in one
+// place so that the two programs cannot drift apart.
+namespace moe_test::prelude {
+namespace ts = tessera;
+namespace nn = tessera::nn;
+using ts::Shape;
+using ts::Tensor;
+using ts::TensorView;
+using ts::testing::check_close;
+using ts::testing::dot;
+using ts::testing::numeric_gradient;
+using ts::testing::random_tensor;
+using moe_test::check_forward;
+using moe_test::ranked;
+using moe_test::reference;
+using moe_test::Reference;
+}  // namespace moe_test::prelude

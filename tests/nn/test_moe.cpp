@@ -25,19 +25,7 @@
 #include "moe_reference.hpp"
 #include "tessera/nn/moe.hpp"
 
-namespace ts = tessera;
-namespace nn = tessera::nn;
-using ts::Shape;
-using ts::Tensor;
-using ts::TensorView;
-using ts::testing::check_close;
-using ts::testing::dot;
-using ts::testing::numeric_gradient;
-using ts::testing::random_tensor;
-using moe_test::check_forward;
-using moe_test::ranked;
-using moe_test::reference;
-using moe_test::Reference;
+using namespace moe_test::prelude;  // ts, nn, Tensor, the reference and check helpers
 
 // ---- routing properties -------------------------------------------------------------------
 

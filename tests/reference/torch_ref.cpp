@@ -475,28 +475,24 @@ torch::Tensor f64_tensor(const std::vector<double>& v) {
 
 }  // namespace
 
-AttentionResult attention(const Array& x, const Array& wq, const Array& wk, const Array& wv,
-                          const Array& wo, int64_t heads, int64_t kv_heads, const RopeSpec& rope,
-                          const Mask& mask, const std::optional<AttentionGate>& gate,
-                          const Array& dy, Precision p) {
+namespace {
+
+// The attention output o (B, T, heads * hd) before the output projection, from xf (B, T, C) in
+// float and the projection leaves; shared by attention() and decoder().
+torch::Tensor attention_o(const torch::Tensor& xf, const torch::Tensor& twq,
+                          const torch::Tensor& twk, const torch::Tensor& twv, int64_t heads,
+                          int64_t kv_heads, const RopeSpec& rope, const Mask& mask, Precision p) {
   namespace F = torch::nn::functional;
-  require(x.shape.size() == 3, "attention: x must be (B, T, C)");
-  const int64_t B = x.shape[0], T = x.shape[1], C = x.shape[2];
-  require(heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && wq.shape.size() == 2 &&
-              wq.shape[0] % heads == 0,
+  const int64_t B = xf.size(0), T = xf.size(1), C = xf.size(2);
+  require(heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && twq.dim() == 2 &&
+              twq.size(0) % heads == 0,
           "attention: heads / kv_heads / wq do not fit together");
-  const int64_t hd = wq.shape[0] / heads, group = heads / kv_heads;
-  require(wk.shape == std::vector<int64_t>{kv_heads * hd, C} && wv.shape == wk.shape &&
-              wo.shape == std::vector<int64_t>{C, heads * hd},
+  const int64_t hd = twq.size(0) / heads, group = heads / kv_heads;
+  require(twk.sizes() == torch::IntArrayRef{kv_heads * hd, C} && twv.sizes() == twk.sizes(),
           "attention: weight shapes do not match (B, T, C), heads and kv_heads");
   require(mask.shape == std::vector<int64_t>{B, T, T} &&
               static_cast<int64_t>(mask.allowed.size()) == B * T * T,
           "attention: the mask must be (B, T, T)");
-
-  auto tx = tensor(x, p, true, "x");
-  auto twq = tensor(wq, p, true, "wq"), twk = tensor(wk, p, true, "wk");
-  auto twv = tensor(wv, p, true, "wv"), two = tensor(wo, p, true, "wo");
-  auto xf = f32(tx);
   auto positions = torch::arange(T, torch::kInt64);
   // (B, T, H, hd) and (B, T, KV, hd): projection, then RoPE, each stored in T by tessera.
   auto q =
@@ -514,7 +510,24 @@ AttentionResult attention(const Array& x, const Array& wq, const Array& wk, cons
           .to(torch::kBool);
   scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
   auto probs = torch::softmax(scores, -1);  // (B, H, T, T)
-  auto o = rnd(torch::matmul(probs, vh).transpose(1, 2).reshape({B, T, heads * hd}), p);
+  return rnd(torch::matmul(probs, vh).transpose(1, 2).reshape({B, T, heads * hd}), p);
+}
+
+}  // namespace
+
+AttentionResult attention(const Array& x, const Array& wq, const Array& wk, const Array& wv,
+                          const Array& wo, int64_t heads, int64_t kv_heads, const RopeSpec& rope,
+                          const Mask& mask, const std::optional<AttentionGate>& gate,
+                          const Array& dy, Precision p) {
+  namespace F = torch::nn::functional;
+  require(x.shape.size() == 3, "attention: x must be (B, T, C)");
+  const int64_t B = x.shape[0], T = x.shape[1], C = x.shape[2];
+  require(wq.shape.size() == 2 && heads > 0 && wo.shape == std::vector<int64_t>{C, wq.shape[0]},
+          "attention: weight shapes do not match (B, T, C), heads and kv_heads");
+  auto tx = tensor(x, p, true, "x");
+  auto twq = tensor(wq, p, true, "wq"), twk = tensor(wk, p, true, "wk");
+  auto twv = tensor(wv, p, true, "wv"), two = tensor(wo, p, true, "wo");
+  auto o = attention_o(f32(tx), twq, twk, twv, heads, kv_heads, rope, mask, p);
 
   AttentionResult r;
   torch::Tensor tgw, tgb, aux;
@@ -576,38 +589,44 @@ torch::Tensor ranked(const torch::Tensor& t) {
 }
 }  // namespace
 
-MoEResult moe(const Array& x, const Array& gate, const std::vector<FfnWeights>& experts,
-              const std::vector<FfnWeights>& shared, const MoESpec& spec, const Array& dy,
-              Precision p) {
+namespace {
+
+struct FfnLeaves {
+  torch::Tensor gate, up, down;
+};
+
+FfnLeaves ffn_leaves(const FfnWeights& w, Precision p) {
+  return FfnLeaves{tensor(w.w_gate, p, true, "w_gate"), tensor(w.w_up, p, true, "w_up"),
+                   tensor(w.w_down, p, true, "w_down")};
+}
+
+// SwiGLU, rounded where tessera's SwiGluFfn stores gate, up, act and its output.
+torch::Tensor swiglu_ffn(const FfnLeaves& l, const torch::Tensor& xs, Precision p) {
   namespace F = torch::nn::functional;
-  require(x.shape.size() == 2 && gate.shape.size() == 2 && gate.shape[1] == x.shape[1],
+  auto g = rnd(F::linear(xs, f32(l.gate)), p);
+  auto u = rnd(F::linear(xs, f32(l.up)), p);
+  auto a = rnd(torch::silu(g) * u, p);
+  return rnd(F::linear(a, f32(l.down)), p);
+}
+
+// The mixture of experts on xf (tokens, d) in float (see moe() in torch_ref.hpp): y in float
+// (not rounded), the aux loss (undefined without one) and the routing.
+struct MoEGraph {
+  torch::Tensor y, aux, chosen, weights, selection;
+  std::vector<int64_t> kept;
+};
+
+MoEGraph moe_graph(const torch::Tensor& xf, const torch::Tensor& tg,
+                   const std::vector<FfnLeaves>& te, const std::vector<FfnLeaves>& ts,
+                   const MoESpec& spec, Precision p) {
+  namespace F = torch::nn::functional;
+  require(xf.dim() == 2 && tg.dim() == 2 && tg.size(1) == xf.size(1),
           "moe: x must be (tokens, d) and gate (experts, d)");
-  const int64_t tokens = x.shape[0], d = x.shape[1], n = gate.shape[0], k = spec.top_k;
-  require(static_cast<int64_t>(experts.size()) == n, "moe: one FfnWeights per expert");
+  const int64_t tokens = xf.size(0), d = xf.size(1), n = tg.size(0), k = spec.top_k;
+  require(static_cast<int64_t>(te.size()) == n, "moe: one FfnWeights per expert");
   require(1 <= k && k <= n && spec.groups >= 1 && n % spec.groups == 0 && 1 <= spec.top_groups &&
               spec.top_groups <= spec.groups,
           "moe: top_k / groups do not fit the experts");
-
-  struct Leaves {
-    torch::Tensor gate, up, down;
-  };
-  auto leaves = [&](const FfnWeights& w) {
-    return Leaves{tensor(w.w_gate, p, true, "w_gate"), tensor(w.w_up, p, true, "w_up"),
-                  tensor(w.w_down, p, true, "w_down")};
-  };
-  // SwiGLU, rounded where tessera's SwiGluFfn stores gate, up, act and its output.
-  auto ffn = [&](const Leaves& l, const torch::Tensor& xs) {
-    auto g = rnd(F::linear(xs, f32(l.gate)), p);
-    auto u = rnd(F::linear(xs, f32(l.up)), p);
-    auto a = rnd(torch::silu(g) * u, p);
-    return rnd(F::linear(a, f32(l.down)), p);
-  };
-  std::vector<Leaves> te, ts;
-  for (const auto& w : experts) te.push_back(leaves(w));
-  for (const auto& w : shared) ts.push_back(leaves(w));
-
-  auto tx = tensor(x, p, true, "x"), tg = tensor(gate, p, true, "gate");
-  auto xf = f32(tx);
   auto logits = rnd(F::linear(xf, f32(tg)), p);  // (tokens, n)
   auto s = spec.score == RouterScore::kSoftmax ? torch::softmax(logits, -1)
                                                : torch::sigmoid(logits);  // (tokens, n)
@@ -645,38 +664,140 @@ MoEResult moe(const Array& x, const Array& gate, const std::vector<FfnWeights>& 
     }
     if (assigned.numel() == 0) continue;
     auto tok = torch::div(assigned, k, "floor");
-    auto ye = ffn(te[size_t(e)], xf.index_select(0, tok));  // (rows, d)
+    auto ye = swiglu_ffn(te[size_t(e)], xf.index_select(0, tok), p);  // (rows, d)
     y = y.index_add(0, tok, ye * wflat.index_select(0, assigned).unsqueeze(1));
   }
-  for (const Leaves& l : ts) y = y + ffn(l, xf);
-  y = out(y, p);
+  for (const FfnLeaves& l : ts) y = y + swiglu_ffn(l, xf, p);
 
-  MoEResult r;
-  torch::Tensor aux;
+  MoEGraph g;
   if (spec.aux_alpha > 0) {
     // f_i: share of the assignments (before capacity), a count; P_i: mean of p_i over tokens,
     // p = s for softmax, s / sum(s) for sigmoid scores.
     auto f = torch::bincount(flat, {}, n).to(torch::kFloat64) / static_cast<double>(tokens * k);
     auto sd = s.to(torch::kFloat64);
     auto prob = spec.score == RouterScore::kSoftmax ? sd : sd / sd.sum(-1, /*keepdim=*/true);
-    aux = spec.aux_alpha * static_cast<double>(n) * (f * prob.mean(0)).sum();
-    r.aux_loss = aux.item<double>();
+    g.aux = spec.aux_alpha * static_cast<double>(n) * (f * prob.mean(0)).sum();
   }
-  if (aux.defined())
-    torch::autograd::backward({y, aux},
-                              {tensor(dy, p, false, "dy"), torch::full_like(aux, spec.aux_grad)});
-  else
+  g.y = y;
+  g.chosen = chosen;
+  g.weights = w;
+  g.selection = sel;
+  g.kept = std::move(kept);
+  return g;
+}
+
+}  // namespace
+
+MoEResult moe(const Array& x, const Array& gate, const std::vector<FfnWeights>& experts,
+              const std::vector<FfnWeights>& shared, const MoESpec& spec, const Array& dy,
+              Precision p) {
+  require(x.shape.size() == 2 && gate.shape.size() == 2 && gate.shape[1] == x.shape[1],
+          "moe: x must be (tokens, d) and gate (experts, d)");
+  std::vector<FfnLeaves> te, ts;
+  for (const auto& w : experts) te.push_back(ffn_leaves(w, p));
+  for (const auto& w : shared) ts.push_back(ffn_leaves(w, p));
+  auto tx = tensor(x, p, true, "x"), tg = tensor(gate, p, true, "gate");
+  MoEGraph g = moe_graph(f32(tx), tg, te, ts, spec, p);
+  auto y = out(g.y, p);
+
+  MoEResult r;
+  if (g.aux.defined()) {
+    r.aux_loss = g.aux.item<double>();
+    torch::autograd::backward({y, g.aux},
+                              {tensor(dy, p, false, "dy"), torch::full_like(g.aux, spec.aux_grad)});
+  } else {
     backward(y, dy, p);
+  }
 
   r.y = array(y);
   r.dx = grad_of(tx);
   r.dgate = grad_of(tg);
-  for (const Leaves& l : te) r.experts.push_back({grad_of(l.gate), grad_of(l.up), grad_of(l.down)});
-  for (const Leaves& l : ts) r.shared.push_back({grad_of(l.gate), grad_of(l.up), grad_of(l.down)});
-  r.chosen = index_array(chosen);
-  r.weights = array(w);
-  r.kept = IndexArray{kept, {tokens, k}};
-  r.selection = array(sel);
+  for (const FfnLeaves& l : te)
+    r.experts.push_back({grad_of(l.gate), grad_of(l.up), grad_of(l.down)});
+  for (const FfnLeaves& l : ts)
+    r.shared.push_back({grad_of(l.gate), grad_of(l.up), grad_of(l.down)});
+  r.chosen = index_array(g.chosen);
+  r.weights = array(g.weights);
+  const int64_t tokens = x.shape[0], k = spec.top_k;
+  r.kept = IndexArray{g.kept, {tokens, k}};
+  r.selection = array(g.selection);
+  return r;
+}
+
+// ---- a whole decoder ---------------------------------------------------------------------------
+
+DecoderResult decoder(const std::vector<NamedArray>& weights, const IndexArray& tokens,
+                      const IndexArray& targets, const DecoderSpec& spec) {
+  namespace F = torch::nn::functional;
+  const Precision p = Precision::kFloat32;
+  require(tokens.shape.size() == 2 && targets.shape == tokens.shape,
+          "decoder: tokens and targets must be (B, T)");
+  const int64_t B = tokens.shape[0], T = tokens.shape[1], C = spec.d_model;
+  // Every weight a leaf, found by its documented name (docs/models.md).
+  std::vector<std::pair<std::string, torch::Tensor>> leaves;
+  for (const NamedArray& w : weights)
+    leaves.emplace_back(w.name, tensor(w.array, p, true, w.name.c_str()));
+  std::vector<bool> used(leaves.size(), false);
+  auto get = [&](const std::string& name) -> torch::Tensor {
+    for (size_t i = 0; i < leaves.size(); ++i)
+      if (leaves[i].first == name) {
+        used[i] = true;
+        return leaves[i].second;
+      }
+    throw std::invalid_argument("torch_ref::decoder: no weight named '" + name + "'");
+  };
+  auto rmsnorm = [&](const torch::Tensor& x, const torch::Tensor& w) {
+    return rnd(x * torch::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true) + spec.norm_eps) * f32(w), p);
+  };
+  auto ffn = [&](const std::string& prefix) {
+    return FfnLeaves{get(prefix + "w_gate"), get(prefix + "w_up"), get(prefix + "w_down")};
+  };
+
+  auto h = F::embedding(index_tensor(tokens), f32(get("embed.weight")));  // (B, T, C)
+  torch::Tensor aux_total = torch::zeros({}, torch::kFloat64);
+  DecoderResult r;
+  for (size_t l = 0; l < spec.layers.size(); ++l) {
+    const DecoderLayerSpec& ls = spec.layers[l];
+    const std::string pre = "layers." + std::to_string(l) + ".";
+    auto n1 = rmsnorm(h, get(pre + "norm1.weight"));
+    auto o = attention_o(n1, get(pre + "attn.wq"), get(pre + "attn.wk"), get(pre + "attn.wv"),
+                         spec.heads, spec.kv_heads, spec.rope, ls.mask, p);
+    h = rnd(h + rnd(F::linear(o, f32(get(pre + "attn.wo"))), p), p);
+    auto n2 = rmsnorm(h, get(pre + "norm2.weight"));
+    torch::Tensor f;
+    if (!ls.moe) {
+      f = swiglu_ffn(ffn(pre + "ffn."), n2, p);
+      r.chosen.emplace_back();
+    } else {
+      std::vector<FfnLeaves> te, ts;
+      for (int64_t e = 0; e < ls.experts; ++e)
+        te.push_back(ffn(pre + "ffn.experts." + std::to_string(e) + "."));
+      for (int64_t e = 0; e < ls.shared; ++e)
+        ts.push_back(ffn(pre + "ffn.shared_experts." + std::to_string(e) + "."));
+      MoEGraph g = moe_graph(n2.reshape({B * T, C}), get(pre + "ffn.router.gate"), te, ts, *ls.moe, p);
+      f = rnd(g.y, p).view({B, T, C});
+      if (g.aux.defined()) aux_total = aux_total + g.aux;
+      r.chosen.push_back(index_array(g.chosen));
+    }
+    h = rnd(h + f, p);
+  }
+  auto hn = rmsnorm(h, get("norm.weight"));
+  auto head = spec.tie_embeddings ? get("embed.weight") : get("lm_head.weight");
+  auto logits = rnd(F::linear(hn, f32(head)), p);  // (B, T, V)
+  auto ce = F::cross_entropy(logits.reshape({B * T, spec.vocab}),
+                             index_tensor(targets).reshape({B * T}),
+                             F::CrossEntropyFuncOptions().ignore_index(spec.ignore_index));
+  auto loss = ce.to(torch::kFloat64) + aux_total;
+  loss.backward();
+  for (size_t i = 0; i < leaves.size(); ++i)
+    if (!used[i])
+      throw std::invalid_argument("torch_ref::decoder: weight '" + leaves[i].first +
+                                  "' is not part of the described model");
+  r.loss = loss.item<double>();
+  r.cross_entropy = ce.item<double>();
+  r.aux_loss = aux_total.item<double>();
+  r.logits = array(logits);
+  for (const auto& [name, leaf] : leaves) r.grads.push_back({name, grad_of(leaf)});
   return r;
 }
 

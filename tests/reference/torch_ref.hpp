@@ -305,6 +305,45 @@ MoEResult moe(const Array& x, const Array& gate, const std::vector<FfnWeights>& 
               const std::vector<FfnWeights>& shared, const MoESpec& spec, const Array& dy,
               Precision p);
 
+// ---- a whole decoder ---------------------------------------------------------------------------
+
+struct NamedArray {
+  std::string name;
+  Array array;
+};
+
+// One block of the decoder: its attention mask (B, T, T) and, for an MoE block, the routing rule
+// and the expert counts (a dense block has `moe` empty).
+struct DecoderLayerSpec {
+  Mask mask;
+  std::optional<MoESpec> moe;
+  int64_t experts = 0, shared = 0;
+};
+struct DecoderSpec {
+  int64_t vocab = 0, d_model = 0, heads = 0, kv_heads = 0;
+  double norm_eps = 1e-6;
+  RopeSpec rope;
+  bool tie_embeddings = false;
+  int64_t ignore_index = -100;
+  std::vector<DecoderLayerSpec> layers;
+};
+struct DecoderResult {
+  double loss = 0.0, cross_entropy = 0.0, aux_loss = 0.0;
+  Array logits;                    // (B, T, vocab)
+  std::vector<NamedArray> grads;   // d loss / d weight, in the order the weights were given
+  std::vector<IndexArray> chosen;  // per layer: the MoE's chosen experts (empty when dense)
+};
+
+// A pre-norm decoder from its weights, found by the names of docs/models.md ("embed.weight",
+// "layers.<l>.norm1.weight", "layers.<l>.attn.wq" ... "layers.<l>.ffn.experts.<e>.w_gate" ...,
+// "norm.weight", "lm_head.weight" unless tied): embedding; per layer h += wo attn(rmsnorm(h))
+// (attention() with the layer's mask, RoPE from spec.rope) and h += ffn(rmsnorm(h)) (a SwiGLU,
+// or moe() with the layer's rule); the final RMSNorm, the LM head, the mean cross-entropy over
+// targets != ignore_index, plus every MoE layer's aux loss. loss.backward() by autograd gives
+// the gradient of every weight. Float32 only. Throws if a weight is missing or one is left over.
+DecoderResult decoder(const std::vector<NamedArray>& weights, const IndexArray& tokens,
+                      const IndexArray& targets, const DecoderSpec& spec);
+
 // ---- embedding
 // -----------------------------------------------------------------------------------
 

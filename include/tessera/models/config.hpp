@@ -37,12 +37,14 @@
 // experts), max_seq (4096), dense_layers (0), tie_embeddings (false), rope_theta (10000),
 // norm_eps (1e-6), attention_block (64), capacity_factor (0: no limit), window_penalty
 // (LearnedSelector's default 0.01), `using Window` (CausalFull for a decoder, Bidirectional
-// for an encoder), `using Ffn` (DenseFfn), `using Scalar` (float; double for gradient checks).
+// for an encoder), `template <int Layer> using WindowAt` (per-layer windows; default: every
+// layer uses Window), `using Ffn` (DenseFfn), `using Scalar` (float; double for gradient checks).
 #pragma once
 
 #include <concepts>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "tessera/core/number.hpp"
 #include "tessera/nn/feed_forward.hpp"
@@ -173,6 +175,37 @@ struct window_of<C, Default> {
   using type = typename C::Window;
 };
 
+// Per-layer windows: a config may declare `template <int Layer> using WindowAt = ...;` to give
+// each block its own window policy (alternating local and global layers, as Gemma 2 and
+// Longformer-style stacks do). Without it every layer uses the config's Window.
+template <class C>
+concept HasWindowAt = requires { typename C::template WindowAt<0>; };
+
+template <class C, class Default, int Layer>
+struct window_at {
+  using type = typename window_of<C, Default>::type;
+};
+template <class C, class Default, int Layer>
+  requires HasWindowAt<C>
+struct window_at<C, Default, Layer> {
+  using type = typename C::template WindowAt<Layer>;
+};
+
+// Whether pred<window of layer l> holds for every layer l in [0, layers).
+template <class C, class Default, template <class> class Pred, int... L>
+constexpr bool every_layer_window(std::integer_sequence<int, L...>) {
+  return (Pred<typename window_at<C, Default, L>::type>::value && ...);
+}
+template <class C, class Default, template <class> class Pred>
+constexpr bool every_layer_window() {
+  if constexpr (HasWindowAt<C>) {
+    return every_layer_window<C, Default, Pred>(
+        std::make_integer_sequence<int, static_cast<int>(C::layers)>{});
+  } else {
+    return Pred<typename window_of<C, Default>::type>::value;
+  }
+}
+
 template <class C>
 struct ffn_of {
   using type = nn::DenseFfn;
@@ -239,6 +272,31 @@ struct variable_window<nn::VariableWindow<nn::Sizes<S...>, Selector, Block>> : s
 template <class T>
 inline constexpr bool is_supported_scalar = std::is_same_v<T, float> || std::is_same_v<T, double> ||
                                             std::is_same_v<T, bf16> || std::is_same_v<T, fp16>;
+
+// The window rules as class templates, for every_layer_window. Each is guarded by the ones
+// before it, so a policy is instantiated only after its arguments were found sound.
+template <class W>
+struct window_sizes_ok : std::bool_constant<variable_window<W>::sizes_ok> {};
+template <class W>
+struct window_is_policy {
+  static constexpr bool value = [] {
+    if constexpr (variable_window<W>::sizes_ok) {
+      return nn::WindowPolicy<W>;
+    } else {
+      return false;
+    }
+  }();
+};
+template <class W>
+struct window_is_causal {
+  static constexpr bool value = [] {
+    if constexpr (window_is_policy<W>::value) {
+      return W::kCausal;
+    } else {
+      return false;
+    }
+  }();
+};
 
 }  // namespace config_detail
 
@@ -320,6 +378,21 @@ concept WindowIsCausal = (W::kCausal == true);
 template <class C>
 concept ClassesAtLeastTwo = (config_detail::classes<C>() >= 2);
 
+// Per-layer windows (`WindowAt<Layer>`): the window rules, for every layer. D is the model
+// kind's default window. Without WindowAt they hold trivially (the config's Window is checked
+// by the rules above).
+template <class C, class D>
+concept LayerWindowSizesIncreasing =
+    !config_detail::HasWindowAt<C> ||
+    config_detail::every_layer_window<C, D, config_detail::window_sizes_ok>();
+template <class C, class D>
+concept LayerWindowsArePolicies =
+    !config_detail::HasWindowAt<C> ||
+    config_detail::every_layer_window<C, D, config_detail::window_is_policy>();
+template <class C, class D>
+concept LayerWindowsCausal = !config_detail::HasWindowAt<C> ||
+                             config_detail::every_layer_window<C, D, config_detail::window_is_causal>();
+
 // Everything a decoder and an encoder share, given the window the model kind defaults to.
 template <class C, class W>
 concept ModelConfig =
@@ -328,14 +401,16 @@ concept ModelConfig =
     DenseLayersInRange<C> && FfnHiddenAtLeastOne<C> && AttentionBlockAtLeastOne<C> &&
     NormEpsNonNegative<C> && CapacityFactorNonNegative<C> && ScalarSupported<C> &&
     FfnIsSpec<C> && TopKWithinExperts<C> && GroupsDivideExperts<C> && TopKWithinTopGroups<C> &&
-    WindowSizesIncreasing<W> && WindowIsPolicy<W>;
+    WindowSizesIncreasing<W> && WindowIsPolicy<W> && LayerWindowSizesIncreasing<C, W> &&
+    LayerWindowsArePolicies<C, W>;
 
 }  // namespace rules
 
 // A decoder (language model) config: the shared rules plus a causal window.
 template <class C>
-concept DecoderConfig =
-    rules::ModelConfig<C, decoder_window_t<C>> && rules::WindowIsCausal<decoder_window_t<C>>;
+concept DecoderConfig = rules::ModelConfig<C, decoder_window_t<C>> &&
+                        rules::WindowIsCausal<decoder_window_t<C>> &&
+                        rules::LayerWindowsCausal<C, decoder_window_t<C>>;
 
 // An encoder (classifier) config: the shared rules plus `classes >= 2`.
 template <class C>
@@ -407,6 +482,18 @@ constexpr bool check_model_config() {
                   "tessera config: Window must be a window policy (CausalFull, Bidirectional, "
                   "SlidingWindow<W>, LocalGlobal<W, G>, VariableWindow<...>)");
   }
+  if constexpr (rules::HasModelNumbers<C> && rules::LayersAtLeastOne<C> &&
+                config_detail::HasWindowAt<C>) {
+    static_assert(rules::LayerWindowSizesIncreasing<C, W>,
+                  "tessera config: WindowAt<Layer>: a layer's VariableWindow sizes must be "
+                  "positive and strictly increasing, e.g. Sizes<128, 512, kFull>");
+    if constexpr (rules::LayerWindowSizesIncreasing<C, W>) {
+      static_assert(rules::LayerWindowsArePolicies<C, W>,
+                    "tessera config: WindowAt<Layer> must name a window policy for every layer "
+                    "0 .. layers-1 (CausalFull, Bidirectional, SlidingWindow<W>, LocalGlobal<W, "
+                    "G>, VariableWindow<...>)");
+    }
+  }
   return true;
 }
 
@@ -424,6 +511,14 @@ constexpr bool check_decoder_config() {
       static_assert(rules::WindowIsCausal<W>,
                     "tessera config: a decoder's Window must be causal (with Bidirectional a "
                     "token reads the token it is trained to predict)");
+    }
+  }
+  if constexpr (rules::HasModelNumbers<C> && rules::LayersAtLeastOne<C> &&
+                config_detail::HasWindowAt<C>) {
+    if constexpr (rules::LayerWindowsArePolicies<C, W>) {
+      static_assert(rules::LayerWindowsCausal<C, W>,
+                    "tessera config: a decoder's WindowAt<Layer> must be causal for every layer "
+                    "(with Bidirectional a token reads the token it is trained to predict)");
     }
   }
   return DecoderConfig<C>;
@@ -460,6 +555,10 @@ struct ResolvedConfig {
   static constexpr double window_penalty = config_detail::window_penalty<C>();
   static constexpr int64_t classes = config_detail::classes<C>();
   using Window = typename config_detail::window_of<C, DefaultWindow>::type;
+  // Layer l's window: the config's WindowAt<l> when it has one, else Window.
+  static constexpr bool kPerLayerWindow = config_detail::HasWindowAt<C>;
+  template <int Layer>
+  using WindowAt = typename config_detail::window_at<C, DefaultWindow, Layer>::type;
   using Ffn = ffn_t<C>;
   using Scalar = scalar_t<C>;
 

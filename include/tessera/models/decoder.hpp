@@ -75,7 +75,7 @@ inline NextTokenBatch next_token_batch(TensorView<const int32_t, Cpu> sequence) 
 }
 
 template <class Config, class Device = Cpu>
-class Decoder {
+class Decoder : public detail::ModelCommon<Decoder<Config, Device>> {
   static_assert(std::same_as<Device, Cpu>,
                 "Decoder<Config, Cuda> is not available yet: the decoder runs on Cpu only (the "
                 "CUDA attention, MoE dispatch and layer kernels are missing); use "
@@ -202,26 +202,6 @@ class Decoder {
     }
   }
 
-  // Non-gradient state: "layers.<l>.ffn.router.expert_bias" under a bias balance.
-  template <class F>
-  void visit_buffers(F&& f) {
-    trunk_.visit_buffers(f);
-  }
-
-  // Parameter values, then buffers: every tensor a checkpoint holds, f(name, Tensor&).
-  template <class F>
-  void visit_weights(F&& f) {
-    visit_parameters([&](std::string_view name, nn::Parameter<T>& p) { f(name, p.value); });
-    visit_buffers(f);
-  }
-
-  void zero_grad() {
-    visit_parameters([](std::string_view, nn::Parameter<T>& p) { p.zero_grad(); });
-  }
-
-  // Aux-loss-free balancing (BiasBalance): call after each optimizer step. No-op otherwise.
-  void update_balance(const Saved& saved) { trunk_.update_balance(saved.trunk); }
-
   // Every parameter element, the tied table counted once.
   int64_t parameter_count() const { return parameters_; }
 
@@ -229,13 +209,6 @@ class Decoder {
     return {{"tessera.model", std::string(kind())}, {"tessera.config", config_summary()}};
   }
 
-  // f(layer, block) for every block, in order.
-  template <class F>
-  void for_each_block(F&& f) {
-    trunk_.for_each_block(f);
-  }
-  nn::Embedding<T>& embedding() { return trunk_.embedding(); }
-  nn::RMSNorm<T>& final_norm() { return trunk_.norm(); }
   // The LM head's (vocab, d_model) matrix: the embedding table itself when tied.
   nn::Parameter<T>& lm_head_weight() {
     if constexpr (Resolved::tie_embeddings) {
@@ -264,7 +237,7 @@ class Decoder {
                     " dense_layers=" + std::to_string(Resolved::dense_layers) +
                     " max_seq=" + std::to_string(Resolved::max_seq) +
                     " tie_embeddings=" + (Resolved::tie_embeddings ? "true" : "false") +
-                    " window=" + std::string(Window::kName);
+                    " window=" + Trunk::window_names();
     if constexpr (Resolved::kMoE)
       s += " experts=" + std::to_string(Resolved::experts) +
            " top_k=" + std::to_string(Resolved::top_k) +
@@ -273,6 +246,7 @@ class Decoder {
     return s;
   }
 
+  friend class detail::ModelCommon<Decoder>;  // visit_buffers, update_balance, ...
   Trunk trunk_;
   std::optional<nn::Linear<T>> lm_head_;  // absent when tied
   int64_t parameters_ = 0;

@@ -18,9 +18,14 @@
 // token, and the mean of the final states is what sentence encoders such as MiniLM use for
 // classification and similarity.
 //
-// Padding: every sequence of a batch has the same length T and every position is pooled. The
-// attention layer has no key mask yet, so padding tokens would change what real tokens read;
-// batch documents of one length (or one at a time) instead of padding them.
+// Padding: documents of different lengths share a batch by right padding. The overloads that
+// take `lengths` (one per sequence) treat tokens [lengths[b], T) of sequence b as padding: no
+// attention layer reads them as keys (Attention::forward with key_lengths) and the pooling
+// averages the real positions only, so each document's logits, loss share and gradients are
+// what it gives alone (tests/models/test_encoder_padding.cpp). The padded positions' token ids
+// must still be valid ids (any, e.g. 0); their states are computed and ignored. With an MoE FFN
+// the padded tokens are routed too, and count in its load, capacity and balance loss.
+// Without `lengths` every position is a real token.
 //
 // Loss: mean cross-entropy over the labels that are not kIgnoreIndex, plus the blocks'
 // auxiliary losses (as in the decoder: see decoder.hpp); backward differentiates exactly that.
@@ -30,8 +35,11 @@
 #include <concepts>
 #include <cstdint>
 #include <map>
+#include <span>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 #include "tessera/core/device.hpp"
 #include "tessera/core/error.hpp"
@@ -48,7 +56,7 @@
 namespace tessera::models {
 
 template <class Config, class Device = Cpu>
-class Encoder {
+class Encoder : public detail::ModelCommon<Encoder<Config, Device>> {
   static_assert(std::same_as<Device, Cpu>,
                 "Encoder<Config, Cuda> is not available yet: the encoder runs on Cpu only (the "
                 "CUDA attention, MoE dispatch and layer kernels are missing); use "
@@ -75,6 +83,7 @@ class Encoder {
     Tensor<T> logits;                    // (B, classes)
     Tensor<int32_t> labels;              // (B); empty when forward ran without labels
     Tensor<A> logsumexp;                 // (B)
+    std::vector<int64_t> lengths;        // (B) real tokens per sequence; empty: all T
     bool has_loss = false;
     ModelStats stats;
   };
@@ -88,32 +97,59 @@ class Encoder {
 
   // tokens (B, T) -> class logits (B, classes).
   Tensor<T> forward(TensorView<const int32_t, Cpu> tokens, Saved& saved) const {
+    saved.lengths.clear();
+    saved.hidden = trunk_.forward(tokens, saved.trunk, "Encoder::forward");  // (B, T, C)
+    return pool_and_classify(saved);
+  }
+
+  // The same for a right-padded batch: sequence b's real tokens are [0, lengths[b]) (see the
+  // file header).
+  Tensor<T> forward(TensorView<const int32_t, Cpu> tokens, std::span<const int64_t> lengths,
+                    Saved& saved) const {
+    TESSERA_CHECK(tokens.rank() == 2 && static_cast<int64_t>(lengths.size()) == tokens.dim(0),
+                  "Encoder::forward: 'lengths' holds ", lengths.size(),
+                  " lengths, expected one per sequence of 'tokens' (shape ", tokens.shape(), ")");
+    saved.lengths.assign(lengths.begin(), lengths.end());
+    saved.hidden = trunk_.forward(tokens, saved.trunk, "Encoder::forward", lengths);  // (B, T, C)
+    return pool_and_classify(saved);
+  }
+
+  // A right-padded batch with labels (B).
+  ModelStats forward(TensorView<const int32_t, Cpu> tokens, std::span<const int64_t> lengths,
+                     TensorView<const int32_t, Cpu> labels, Saved& saved) const {
+    return with_loss(tokens, labels, saved, forward(tokens, lengths, saved));
+  }
+
+ private:
+  // Mean over each sequence's real positions (all T without lengths), then the head.
+  Tensor<T> pool_and_classify(Saved& saved) const {
     saved.has_loss = false;
     saved.labels = Tensor<int32_t>();
-    saved.hidden = trunk_.forward(tokens, saved.trunk, "Encoder::forward");  // (B, T, C)
     const int64_t B = saved.hidden.dim(0), S = saved.hidden.dim(1), C = Resolved::d_model;
     saved.pooled = Tensor<T>::empty(Shape{B, C});  // (B, C)
     const T* h = saved.hidden.data();
-    for (int64_t b = 0; b < B; ++b)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n = real_tokens(saved, b, S);
       for (int64_t c = 0; c < C; ++c) {
         A s = 0;
-        for (int64_t t = 0; t < S; ++t) s += ops::cast_detail::load<A>(h[(b * S + t) * C + c]);
-        saved.pooled.data()[b * C + c] = ops::cast_detail::store<T>(s / static_cast<A>(S));
+        for (int64_t t = 0; t < n; ++t) s += ops::cast_detail::load<A>(h[(b * S + t) * C + c]);
+        saved.pooled.data()[b * C + c] = ops::cast_detail::store<T>(s / static_cast<A>(n));
       }
+    }
     Tensor<T> logits = head_.forward(saved.pooled, saved.head);  // (B, classes)
     saved.stats = ModelStats{};
     trunk_.fill_stats(saved.trunk, saved.stats, parameters_);
     return logits;
   }
 
-  // tokens (B, T), labels (B) in [0, classes) or kIgnoreIndex. Returns the stats, whose `loss`
-  // backward(saved) differentiates.
-  ModelStats forward(TensorView<const int32_t, Cpu> tokens, TensorView<const int32_t, Cpu> labels,
-                     Saved& saved) const {
-    TESSERA_CHECK(tokens.rank() == 2, "Encoder::forward: tensor 'tokens' must be (batch, seq), got shape ",
-                  tokens.shape());
+  static int64_t real_tokens(const Saved& saved, int64_t b, int64_t S) {
+    return saved.lengths.empty() ? S : saved.lengths[size_t(b)];
+  }
+
+  ModelStats with_loss(TensorView<const int32_t, Cpu> tokens, TensorView<const int32_t, Cpu> labels,
+                       Saved& saved, Tensor<T> logits) const {
     check_shape("Encoder::forward", "labels", labels.shape(), Shape{tokens.dim(0)});
-    saved.logits = forward(tokens, saved);  // (B, classes)
+    saved.logits = std::move(logits);  // (B, classes)
     saved.labels = labels.contiguous();
     ops::CrossEntropyOptions options;
     options.ignore_index = kIgnoreIndex;
@@ -137,6 +173,17 @@ class Encoder {
     return st;
   }
 
+ public:
+  // tokens (B, T), labels (B) in [0, classes) or kIgnoreIndex. Returns the stats, whose `loss`
+  // backward(saved) differentiates.
+  ModelStats forward(TensorView<const int32_t, Cpu> tokens, TensorView<const int32_t, Cpu> labels,
+                     Saved& saved) const {
+    TESSERA_CHECK(tokens.rank() == 2, "Encoder::forward: tensor 'tokens' must be (batch, seq), got shape ",
+                  tokens.shape());
+    check_shape("Encoder::forward", "labels", labels.shape(), Shape{tokens.dim(0)});
+    return with_loss(tokens, labels, saved, forward(tokens, saved));
+  }
+
   // Accumulates loss_scale * d(stats.loss)/d(parameter) into every parameter's grad.
   void backward(const Saved& saved, double loss_scale = 1.0) {
     TESSERA_CHECK(saved.has_loss,
@@ -151,13 +198,15 @@ class Encoder {
                                                              saved.logsumexp, options);  // (B, K)
     const Tensor<T> dpooled = head_.backward(dlogits, saved.head);                       // (B, C)
     const int64_t B = saved.hidden.dim(0), S = saved.hidden.dim(1), C = Resolved::d_model;
-    Tensor<T> dhidden = Tensor<T>::empty(saved.hidden.shape());  // (B, T, C)
-    for (int64_t b = 0; b < B; ++b)
+    Tensor<T> dhidden = Tensor<T>::zeros(saved.hidden.shape());  // (B, T, C); 0 at padding
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n = real_tokens(saved, b, S);
       for (int64_t c = 0; c < C; ++c) {
         const T v = ops::cast_detail::store<T>(ops::cast_detail::load<A>(dpooled.data()[b * C + c]) /
-                                               static_cast<A>(S));
-        for (int64_t t = 0; t < S; ++t) dhidden.data()[(b * S + t) * C + c] = v;
+                                               static_cast<A>(n));
+        for (int64_t t = 0; t < n; ++t) dhidden.data()[(b * S + t) * C + c] = v;
       }
+    }
     trunk_.backward(dhidden, saved.trunk, loss_scale);
   }
 
@@ -170,23 +219,6 @@ class Encoder {
     });
   }
 
-  template <class F>
-  void visit_buffers(F&& f) {
-    trunk_.visit_buffers(f);
-  }
-
-  template <class F>
-  void visit_weights(F&& f) {
-    visit_parameters([&](std::string_view name, nn::Parameter<T>& p) { f(name, p.value); });
-    visit_buffers(f);
-  }
-
-  void zero_grad() {
-    visit_parameters([](std::string_view, nn::Parameter<T>& p) { p.zero_grad(); });
-  }
-
-  void update_balance(const Saved& saved) { trunk_.update_balance(saved.trunk); }
-
   int64_t parameter_count() const { return parameters_; }
 
   std::map<std::string, std::string> metadata() const {
@@ -196,18 +228,13 @@ class Encoder {
                  std::to_string(Resolved::d_model) + " layers=" + std::to_string(Resolved::layers) +
                  " heads=" + std::to_string(Resolved::heads) + " kv_heads=" +
                  std::to_string(Resolved::kv_heads) + " classes=" +
-                 std::to_string(Resolved::classes) + " window=" + std::string(Window::kName)}};
+                 std::to_string(Resolved::classes) + " window=" + Trunk::window_names()}};
   }
 
-  template <class F>
-  void for_each_block(F&& f) {
-    trunk_.for_each_block(f);
-  }
-  nn::Embedding<T>& embedding() { return trunk_.embedding(); }
-  nn::RMSNorm<T>& final_norm() { return trunk_.norm(); }
   nn::Linear<T>& head() { return head_; }
 
  private:
+  friend class detail::ModelCommon<Encoder>;  // visit_buffers, update_balance, ...
   Trunk trunk_;
   nn::Linear<T> head_;  // (classes, d_model) + bias
   int64_t parameters_ = 0;

@@ -388,6 +388,9 @@ class Attention {
     Tensor<T> o;          // (B, T, heads, head_dim), attention output before wo
     Tensor<A> lse;        // (B, heads, T), logsumexp of each row's scaled scores
     WindowChoice choice;  // VariableWindow: each query block's window
+    // Key padding: sequence b's keys are [0, key_lengths[b]); the rest are padding, never read
+    // (and get zero dk, dv). Empty: every key is real.
+    std::vector<int64_t> key_lengths;
     AttentionStats stats;
   };
 
@@ -439,6 +442,35 @@ class Attention {
 
   // x (B, T, C) -> y (B, T, C).
   Tensor<T> forward(TensorView<const T, Cpu> x, Saved& saved) const {
+    saved.key_lengths.clear();
+    return forward_impl(x, saved);
+  }
+
+  // The same with key padding: sequence b holds key_lengths[b] real tokens followed by padding
+  // (right padding, as a batch of documents of different lengths is laid out). No query reads a
+  // padded key, so every real token's output is what the sequence alone would give; the padded
+  // positions' own outputs are computed from the real keys and mean nothing (mask them out
+  // downstream). Key tiles wholly inside the padding are skipped. Not with an adaptive window:
+  // its selector reads whole query blocks of x, padding included.
+  Tensor<T> forward(TensorView<const T, Cpu> x, Saved& saved,
+                    std::span<const int64_t> key_lengths) const {
+    TESSERA_CHECK(x.rank() == 3, "Attention::forward: tensor 'x' must be (B, T, C), got shape ",
+                  x.shape());
+    TESSERA_CHECK(static_cast<int64_t>(key_lengths.size()) == x.dim(0),
+                  "Attention::forward: key_lengths holds ", key_lengths.size(),
+                  " lengths, expected one per sequence: ", x.dim(0));
+    for (size_t b = 0; b < key_lengths.size(); ++b)
+      TESSERA_CHECK(key_lengths[b] >= 1 && key_lengths[b] <= x.dim(1),
+                    "Attention::forward: key_lengths[", b, "] = ", key_lengths[b],
+                    " must be in [1, T = ", x.dim(1), "]");
+    TESSERA_CHECK(!Window::kAdaptive, "Attention::forward: key padding is not supported with ",
+                  Window::kName, " (its selector reads whole query blocks, padding included)");
+    saved.key_lengths.assign(key_lengths.begin(), key_lengths.end());
+    return forward_impl(x, saved);
+  }
+
+ private:
+  Tensor<T> forward_impl(TensorView<const T, Cpu> x, Saved& saved) const {
     TESSERA_CHECK(x.rank() == 3, "Attention::forward: tensor 'x' must be (B, T, C), got shape ",
                   x.shape());
     TESSERA_CHECK(x.dim(2) == d_model_, "Attention::forward: tensor 'x' has C = ", x.dim(2),
@@ -473,9 +505,16 @@ class Attention {
     for (int64_t b = 0; b < B; ++b)
       for (int64_t qb = 0; qb < nqb; ++qb) {
         const int64_t q0 = qb * block_, q1 = std::min(S, q0 + block_);
-        st.visited_tiles += heads_ * attention_detail::tiles_for<Window>(
-                                         q0, q1, S, window_of(saved.choice, b, qb), block_)
-                                         .count();
+        const attention_detail::TileRange tiles =
+            attention_detail::tiles_for<Window>(q0, q1, S, window_of(saved.choice, b, qb), block_);
+        int64_t visited = tiles.count();
+        if (!saved.key_lengths.empty()) {  // tiles inside the padding are skipped
+          visited = 0;
+          attention_detail::for_each_tile(tiles, [&](int64_t t) {
+            visited += t * block_ < saved.key_lengths[size_t(b)];
+          });
+        }
+        st.visited_tiles += heads_ * visited;
         st.full_causal_tiles += heads_ * (qb + 1);
         if constexpr (Window::kAdaptive) ++st.window_histogram[saved.choice.index[b * nqb + qb]];
       }
@@ -485,6 +524,7 @@ class Attention {
     return ops::linear<T>(saved.o.reshape({B, S, heads_ * head_dim_}), wo_.value);
   }
 
+ public:
   // The gradients of the attention core: dq (B, T, heads, hd) and dk, dv (B, T, kv_heads, hd),
   // with respect to q and k after RoPE.
   struct CoreGrads {
@@ -515,6 +555,9 @@ class Attention {
           "Attention::core_forward: saved.choice holds ", saved.choice.index.size(),
           " window choices, expected one per query block: ", B * nqb);
     }
+    TESSERA_CHECK(saved.key_lengths.empty() || static_cast<int64_t>(saved.key_lengths.size()) == B,
+                  "Attention::core_forward: saved.key_lengths holds ", saved.key_lengths.size(),
+                  " lengths, expected one per sequence: ", B);
     saved.o = Tensor<T>::empty({B, S, heads_, head_dim_});
     saved.lse = Tensor<A>::empty({B, heads_, S});
     forward_kernel(B, S, saved);
@@ -768,6 +811,7 @@ class Attention {
           const int64_t kvh = h / group;
           const int64_t q0 = qb * blk, q1 = std::min(S, q0 + blk), rows = q1 - q0;
           const int64_t window = window_of(choice, b, qb);
+          const int64_t key_end = saved.key_lengths.empty() ? S : saved.key_lengths[size_t(b)];
           const A* kt_head = kt_all.data() + (b * KV + kvh) * nqb * D * Bp;
           const A* v_head = v_all.data() + (b * KV + kvh) * nqb * Bp * Dp;
           for (int64_t r = 0; r < rows; ++r) {
@@ -781,7 +825,9 @@ class Attention {
           const attention_detail::TileRange tiles =
               attention_detail::tiles_for<Window>(q0, q1, S, window, blk);
           attention_detail::for_each_tile(tiles, [&](int64_t t) {
-            const int64_t k0 = t * blk, cols = std::min(S, k0 + blk) - k0;
+            // Keys past the sequence's real length are padding: never read.
+            const int64_t k0 = t * blk, cols = std::min(key_end, k0 + blk) - k0;
+            if (cols <= 0) return;
             attention_detail::gemm<A, kBytes, Init::kZero>(rows, Bp, D, qs.data(), D,
                                                            kt_head + t * D * Bp, Bp, sp.data(), Bp);
             // Padded columns and keys the policy forbids become -inf: exp gives them 0. Max and
@@ -923,13 +969,15 @@ class Attention {
           const int64_t kvh = h / group;
           const int64_t q0 = qb * blk, q1 = std::min(S, q0 + blk), rows = q1 - q0;
           const int64_t window = window_of(choice, b, qb);
+          const int64_t key_end = saved.key_lengths.empty() ? S : saved.key_lengths[size_t(b)];
           const A* qs = q_rows.data() + ((b * H + h) * nqb + qb) * rows_tile;
           const A* dos = do_rows.data() + ((b * H + h) * nqb + qb) * rows_tile;
           const int64_t kv_tiles = (b * KV + kvh) * nkb;
           std::fill(acc.begin(), acc.end(), A(0));
           attention_detail::for_each_tile(
               attention_detail::tiles_for<Window>(q0, q1, S, window, blk), [&](int64_t t) {
-                const int64_t k0 = t * blk, cols = std::min(S, k0 + blk) - k0;
+                const int64_t k0 = t * blk, cols = std::min(key_end, k0 + blk) - k0;
+                if (cols <= 0) return;  // padding
                 attention_detail::gemm<A, kBytes, Init::kZero>(
                     rows, Bp, D, qs, Dp, kt_all.data() + (kv_tiles + t) * cols_tile, Bp, sp.data(),
                     Bp);
@@ -972,11 +1020,14 @@ class Attention {
           constexpr int kBytes = decltype(bytes)::value;
           const int64_t t = task % nkb, kvh = (task / nkb) % KV, b = task / (nkb * KV);
           const int64_t k0 = t * blk, k1 = std::min(S, k0 + blk), cols = k1 - k0;
+          // The tile's real keys [k0, k0 + live); padded keys were never read: dk = dv = 0.
+          const int64_t key_end = saved.key_lengths.empty() ? S : saved.key_lengths[size_t(b)];
+          const int64_t live = std::min(k1, key_end) - k0;
           const A* ks = k_rows.data() + task * rows_tile;
           const A* vs = v_rows.data() + task * rows_tile;
           std::fill(dk.begin(), dk.end(), A(0));
           std::fill(dv.begin(), dv.end(), A(0));
-          for (int64_t qb = 0; qb < nqb; ++qb) {
+          for (int64_t qb = 0; qb < (live > 0 ? nqb : 0); ++qb) {
             const int64_t q0 = qb * blk, q1 = std::min(S, q0 + blk), rows = q1 - q0;
             const int64_t window = window_of(choice, b, qb);
             if (!attention_detail::tiles_for<Window>(q0, q1, S, window, blk).contains(t)) continue;
@@ -987,10 +1038,10 @@ class Attention {
                 delta_r[r] = delta[(b * H + h) * S + q0 + r];
               }
               attention_detail::gemm<A, kBytes, Init::kZero>(
-                  cols, Bp, D, ks, Dp, qt_all.data() + q_tile * cols_tile, Bp, st.data(), Bp);
+                  live, Bp, D, ks, Dp, qt_all.data() + q_tile * cols_tile, Bp, st.data(), Bp);
               attention_detail::gemm<A, kBytes, Init::kZero>(
-                  cols, Bp, D, vs, Dp, dot_all.data() + q_tile * cols_tile, Bp, dpt.data(), Bp);
-              for (int64_t c = 0; c < cols; ++c) {
+                  live, Bp, D, vs, Dp, dot_all.data() + q_tile * cols_tile, Bp, dpt.data(), Bp);
+              for (int64_t c = 0; c < live; ++c) {
                 const int64_t j = k0 + c;
                 A* sr = st.data() + c * Bp;
                 A* dr = dpt.data() + c * Bp;
@@ -1003,10 +1054,10 @@ class Attention {
                   dr[r] = p * (dr[r] - delta_r[r]);
                 }
               }
-              attention_detail::gemm<A, kBytes, Init::kAdd>(cols, Dp, rows, st.data(), Bp,
+              attention_detail::gemm<A, kBytes, Init::kAdd>(live, Dp, rows, st.data(), Bp,
                                                             do_rows.data() + q_tile * rows_tile, Dp,
                                                             dv.data(), Dp);
-              attention_detail::gemm<A, kBytes, Init::kAdd>(cols, Dp, rows, dpt.data(), Bp,
+              attention_detail::gemm<A, kBytes, Init::kAdd>(live, Dp, rows, dpt.data(), Bp,
                                                             q_rows.data() + q_tile * rows_tile, Dp,
                                                             dk.data(), Dp);
             }

@@ -63,9 +63,15 @@ template <class T>
 void accumulate(Tensor<T>& into, std::type_identity_t<TensorView<const T, Cpu>> g, const char* what) {
   using A = ops::cast_detail::acc_t<T>;
   check_shape("accumulate", what, g.shape(), into.shape());
-  const Tensor<T> gc = g.contiguous();
+  // A weight gradient is nearly always contiguous already; copying it first would add a full
+  // read and write of the tensor to every backward (block_bench's profile saw it).
+  Tensor<T> gc;
+  const T* q = g.data();
+  if (!g.is_contiguous()) {
+    gc = g.contiguous();
+    q = gc.data();
+  }
   T* p = into.data();
-  const T* q = gc.data();
   for (int64_t i = 0; i < into.numel(); ++i)
     p[i] = ops::cast_detail::store<T>(ops::cast_detail::load<A>(p[i]) +
                                       ops::cast_detail::load<A>(q[i]));

@@ -36,6 +36,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -113,8 +114,25 @@ class TransformerBlock {
 
   // x (B, T, C) -> y (B, T, C)
   Tensor<T> forward(TensorView<const T, Cpu> x, Saved& saved) const {
+    return forward_impl(x, saved, nullptr);
+  }
+
+  // The same with key padding (Attention::forward with key_lengths): sequence b's tokens
+  // [key_lengths[b], T) are padding that no token's attention reads. The norms and the FFN work
+  // per token, so every real token's output is the unpadded sequence's. An MoE block still
+  // routes the padded tokens (their outputs are discarded downstream), so they count in its
+  // load, capacity and balance loss.
+  Tensor<T> forward(TensorView<const T, Cpu> x, Saved& saved,
+                    std::span<const int64_t> key_lengths) const {
+    return forward_impl(x, saved, &key_lengths);
+  }
+
+ private:
+  Tensor<T> forward_impl(TensorView<const T, Cpu> x, Saved& saved,
+                         const std::span<const int64_t>* key_lengths) const {
     const Tensor<T> h1 = norm1_.forward(x, saved.norm1);          // (B, T, C)
-    const Tensor<T> a = attn_.forward(h1, saved.attn);            // (B, T, C)
+    const Tensor<T> a = key_lengths ? attn_.forward(h1, saved.attn, *key_lengths)
+                                    : attn_.forward(h1, saved.attn);  // (B, T, C)
     const Tensor<T> h = ops::add<T>(saved.norm1.x, a);            // (B, T, C) residual
     const Tensor<T> h2 = norm2_.forward(h, saved.norm2);          // (B, T, C)
     const Tensor<T> f = ffn_.forward(h2, saved.ffn);              // (B, T, C)
@@ -127,6 +145,7 @@ class TransformerBlock {
     return ops::add<T>(saved.norm2.x, f);                         // (B, T, C)
   }
 
+ public:
   // dy (B, T, C) -> dx (B, T, C); accumulates into every parameter's grad. aux_grad is the
   // loss gradient with respect to stats.aux_loss() (see the file header).
   Tensor<T> backward(TensorView<const T, Cpu> dy, const Saved& saved, double aux_grad = 1.0) {
