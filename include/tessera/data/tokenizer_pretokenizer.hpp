@@ -28,7 +28,9 @@ enum class SplitRule : std::uint8_t {
   kGpt2,          // 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
   kDigits1To3,    // \p{N}{1,3}
   kCjkKanaRuns,   // [\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+
-  kDeepSeekWords  // DeepSeek-V3's GPT-4-style pattern (see kDeepSeekWordsPattern)
+  kDeepSeekWords,  // DeepSeek-V3's GPT-4-style pattern (see kDeepSeekWordsPattern)
+  kDigitEach       // \p{N}: each digit alone (Hugging Face's Digits(individual_digits=true),
+                   // SmolLM2's and StarCoder's first step; GGUF's pre-tokenizer "smollm")
 };
 
 inline constexpr std::string_view kGpt2Pattern =
@@ -36,6 +38,7 @@ inline constexpr std::string_view kGpt2Pattern =
 inline constexpr std::string_view kDigits1To3Pattern = R"(\p{N}{1,3})";
 inline constexpr std::string_view kCjkKanaRunsPattern =
     "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+";
+inline constexpr std::string_view kDigitEachPattern = R"(\p{N})";
 inline constexpr std::string_view kDeepSeekWordsPattern =
     "[!\"#$%&'()*+,\\-./"
     ":;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
@@ -51,6 +54,8 @@ inline std::string_view split_rule_pattern(SplitRule r) {
       return kCjkKanaRunsPattern;
     case SplitRule::kDeepSeekWords:
       return kDeepSeekWordsPattern;
+    case SplitRule::kDigitEach:
+      return kDigitEachPattern;
   }
   return {};
 }
@@ -58,12 +63,12 @@ inline std::string_view split_rule_pattern(SplitRule r) {
 // Maps a regex from a tokenizer.json to its scanner; throws for anything else.
 inline SplitRule split_rule_from_pattern(std::string_view pattern) {
   for (SplitRule r : {SplitRule::kGpt2, SplitRule::kDigits1To3, SplitRule::kCjkKanaRuns,
-                      SplitRule::kDeepSeekWords}) {
+                      SplitRule::kDeepSeekWords, SplitRule::kDigitEach}) {
     if (split_rule_pattern(r) == pattern) return r;
   }
   fail("tokenizer pre_tokenizer: unsupported split regex \"", pattern,
-       "\"; tessera implements exactly these: GPT-2's, \\p{N}{1,3}, the DeepSeek-V3 CJK/kana "
-       "run and the DeepSeek-V3 GPT-4-style pattern (docs/tokenizer.md)");
+       "\"; tessera implements exactly these: GPT-2's, \\p{N}{1,3}, \\p{N}, the DeepSeek-V3 "
+       "CJK/kana run and the DeepSeek-V3 GPT-4-style pattern (docs/tokenizer.md)");
 }
 
 namespace detail {
@@ -131,6 +136,11 @@ struct Scan {
       });
     }
     return space_tail(i);
+  }
+
+  std::size_t digit(std::size_t i) const {
+    const Utf8Char c = at(i);
+    return is_number(unicode_class(c.cp)) ? i + c.len : i;
   }
 
   std::size_t digits(std::size_t i) const {
@@ -203,6 +213,8 @@ struct Scan {
         return cjk(i);
       case SplitRule::kDeepSeekWords:
         return deepseek(i);
+      case SplitRule::kDigitEach:
+        return digit(i);
     }
     return i;
   }
@@ -259,6 +271,10 @@ class PreTokenizer {
     const std::size_t n_split = rules_.size() - (gpt2_last ? 1 : 0);
     nlohmann::json steps = nlohmann::json::array();
     for (std::size_t k = 0; k < n_split; ++k) {
+      if (rules_[k] == SplitRule::kDigitEach) {
+        steps.push_back({{"type", "Digits"}, {"individual_digits", true}});
+        continue;
+      }
       steps.push_back({{"type", "Split"},
                        {"pattern", {{"Regex", std::string(split_rule_pattern(rules_[k]))}}},
                        {"behavior", "Isolated"},
@@ -285,6 +301,12 @@ class PreTokenizer {
           "tokenizer pre_tokenizer: ByteLevel with add_prefix_space=true is not supported");
       if (j.value("use_regex", true)) rules_.push_back(SplitRule::kGpt2);
       byte_level_seen = true;
+    } else if (type == "Digits") {
+      // Hugging Face splits on char::is_numeric (categories Nd, Nl, No): \p{N}.
+      TESSERA_CHECK(j.value("individual_digits", false),
+                    "tokenizer pre_tokenizer: Digits with individual_digits=false is not "
+                    "supported");
+      rules_.push_back(SplitRule::kDigitEach);
     } else if (type == "Split") {
       const auto& pat = j.at("pattern");
       TESSERA_CHECK(pat.contains("Regex"), "tokenizer pre_tokenizer: Split with pattern ",
@@ -298,7 +320,7 @@ class PreTokenizer {
     } else {
       fail("tokenizer pre_tokenizer: step type \"", type,
            "\" is not supported (supported: "
-           "Sequence, Split, ByteLevel)");
+           "Sequence, Split, Digits, ByteLevel)");
     }
   }
 

