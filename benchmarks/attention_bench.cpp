@@ -62,6 +62,7 @@
 #endif
 
 #include "harness.hpp"
+#include "machine.hpp"
 #include "tessera/core/cpu_features.hpp"
 #include "tessera/core/rng.hpp"
 #include "tessera/core/tensor.hpp"
@@ -73,6 +74,9 @@
 #endif
 
 namespace {
+
+using bench::cpu_model;
+using bench::load_average;
 
 namespace nn = tessera::nn;
 using tessera::Seed;
@@ -166,26 +170,6 @@ Options parse(int argc, char** argv) {
 
 // ---- the machine ----------------------------------------------------------------------------
 
-std::string cpu_model() {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind("model name", 0) == 0) {
-      const auto p = line.find(':');
-      return p == std::string::npos ? "unknown" : line.substr(p + 2);
-    }
-  return "unknown";
-}
-
-std::string load_average() {
-  std::ifstream in("/proc/loadavg");
-  double l1 = 0, l5 = 0, l15 = 0;
-  in >> l1 >> l5 >> l15;
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.2f %.2f %.2f", l1, l5, l15);
-  return buf;
-}
-
 // MemAvailable from /proc/meminfo, in bytes (0 if unknown).
 double available_memory() {
   std::ifstream in("/proc/meminfo");
@@ -195,30 +179,6 @@ double available_memory() {
   while (in >> key >> kib >> unit)
     if (key == "MemAvailable:") return kib * 1024.0;
   return 0;
-}
-
-// The same restart as tessera_bench's (see there for why these four tunables): freed memory stays
-// in the heap, so a call's T x T temporaries reuse the previous call's pages.
-constexpr const char* kWarmHeapMarker = "TESSERA_BENCH_WARM_HEAP";
-constexpr const char* kWarmHeapTunables =
-    "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295:"
-    "glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0";
-
-void restart_with_warm_heap(char** argv) {
-#if defined(__linux__) && defined(__GLIBC__)
-  if (std::getenv(kWarmHeapMarker) != nullptr) return;
-  std::string tunables = kWarmHeapTunables;
-  if (const char* old = std::getenv("GLIBC_TUNABLES"); old != nullptr && *old != '\0')
-    tunables = std::string(old) + ":" + tunables;
-  setenv("GLIBC_TUNABLES", tunables.c_str(), 1);
-  setenv(kWarmHeapMarker, "1", 1);
-  execv("/proc/self/exe", argv);
-  unsetenv(kWarmHeapMarker);
-  std::fprintf(stderr,
-               "attention_bench: could not restart with a warm heap; measuring fresh pages\n");
-#else
-  (void)argv;
-#endif
 }
 
 // ---- inputs ---------------------------------------------------------------------------------
@@ -518,8 +478,8 @@ void print_targets(const std::vector<Row>& rows, const std::vector<int64_t>& ts)
 
 int main(int argc, char** argv) {
   const Options o = parse(argc, argv);
-  if (!o.fresh_pages) restart_with_warm_heap(argv);
-  const bool warm_heap = !o.fresh_pages && std::getenv(kWarmHeapMarker) != nullptr;
+  if (!o.fresh_pages) bench::restart_with_warm_heap(argv, "attention_bench");
+  const bool warm_heap = !o.fresh_pages && std::getenv(bench::kWarmHeapMarker) != nullptr;
   if (o.threads > 0) {
     omp_set_num_threads(o.threads);
 #if defined(TESSERA_HAVE_OPENBLAS)

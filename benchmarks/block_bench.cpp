@@ -49,6 +49,7 @@
 #endif
 
 #include "harness.hpp"
+#include "machine.hpp"
 #include "tessera/core/cpu_features.hpp"
 #include "tessera/core/rng.hpp"
 #include "tessera/core/tensor.hpp"
@@ -64,6 +65,10 @@
 #endif
 
 namespace {
+
+using bench::cpu_model;
+using bench::load_average;
+using bench::shell_quote;
 
 namespace nn = tessera::nn;
 using tessera::Seed;
@@ -152,53 +157,6 @@ Options parse(int argc, char** argv) {
 
 // ---- the machine and the process --------------------------------------------------------------
 
-std::string cpu_model() {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind("model name", 0) == 0) {
-      const auto p = line.find(':');
-      return p == std::string::npos ? "unknown" : line.substr(p + 2);
-    }
-  return "unknown";
-}
-
-std::string load_average() {
-  std::ifstream in("/proc/loadavg");
-  double l1 = 0, l5 = 0, l15 = 0;
-  in >> l1 >> l5 >> l15;
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.2f %.2f %.2f", l1, l5, l15);
-  return buf;
-}
-
-// tessera_bench's warm-heap restart (see there for the four tunables).
-constexpr const char* kWarmHeapMarker = "TESSERA_BENCH_WARM_HEAP";
-constexpr const char* kWarmHeapTunables =
-    "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295:"
-    "glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0";
-
-void restart_with_warm_heap(char** argv) {
-#if defined(__linux__) && defined(__GLIBC__)
-  if (std::getenv(kWarmHeapMarker) != nullptr) return;
-  std::string tunables = kWarmHeapTunables;
-  if (const char* old = std::getenv("GLIBC_TUNABLES"); old != nullptr && *old != '\0')
-    tunables = std::string(old) + ":" + tunables;
-  setenv("GLIBC_TUNABLES", tunables.c_str(), 1);
-  setenv(kWarmHeapMarker, "1", 1);
-  execv("/proc/self/exe", argv);
-  unsetenv(kWarmHeapMarker);
-  std::fprintf(stderr, "block_bench: could not restart with a warm heap; measuring fresh pages\n");
-#else
-  (void)argv;
-#endif
-}
-
-std::string shell_quote(const std::string& s) {
-  std::string q = "'";
-  for (char ch : s) q += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
-  return q + "'";
-}
 
 void set_threads(int t) {
   omp_set_num_threads(t);
@@ -455,8 +413,8 @@ int child_main(const Options& o) {
 
 int main(int argc, char** argv) {
   const Options o = parse(argc, argv);
-  if (!o.fresh_pages) restart_with_warm_heap(argv);
-  const bool warm_heap = !o.fresh_pages && std::getenv(kWarmHeapMarker) != nullptr;
+  if (!o.fresh_pages) bench::restart_with_warm_heap(argv, "block_bench");
+  const bool warm_heap = !o.fresh_pages && std::getenv(bench::kWarmHeapMarker) != nullptr;
   if (o.child || o.profile) {
     if (o.profile && !o.child) set_threads(o.threads.front());
     return child_main(o);

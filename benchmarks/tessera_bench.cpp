@@ -39,6 +39,7 @@
 #endif
 
 #include "harness.hpp"
+#include "machine.hpp"
 #include "tessera/core/cpu_features.hpp"
 #include "tessera/core/number.hpp"
 #include "tessera/core/rng.hpp"
@@ -66,6 +67,10 @@
 #endif
 
 namespace {
+
+using bench::cpu_model;
+using bench::load_average;
+using bench::shell_quote;
 
 using tessera::Cpu;
 using tessera::Seed;
@@ -136,29 +141,6 @@ Options parse(int argc, char** argv) {
 }
 
 // ---- the machine ----------------------------------------------------------------------------
-
-std::string first_line_with(const char* file, const char* key) {
-  std::ifstream in(file);
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind(key, 0) == 0) return line;
-  return "";
-}
-
-std::string cpu_model() {
-  const std::string l = first_line_with("/proc/cpuinfo", "model name");
-  const auto p = l.find(':');
-  return p == std::string::npos ? "unknown" : l.substr(p + 2);
-}
-
-std::string load_average() {
-  std::ifstream in("/proc/loadavg");
-  double l1 = 0, l5 = 0, l15 = 0;
-  in >> l1 >> l5 >> l15;
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.2f %.2f %.2f", l1, l5, l15);
-  return buf;
-}
 
 void set_threads(int n) {
   omp_set_num_threads(n);
@@ -427,33 +409,6 @@ void print_targets(const std::vector<Row>& rows) {
   }
 }
 
-// See the file header. glibc reads its tunables once, at start-up, so the program sets them
-// and starts itself again (once: the marker variable says it already did). Why these four:
-// mmap_max = 0 serves every block from the heap, trim_threshold keeps freed heap memory, and
-// tcache_count = 0 / mxfast = 0 stop the few bytes aligned_alloc splits off behind a block from
-// parking in a per-thread cache, where they would keep the freed block from merging back into
-// the heap top; the next aligned_alloc of that size then reuses it instead of growing the heap.
-constexpr const char* kWarmHeapMarker = "TESSERA_BENCH_WARM_HEAP";
-constexpr const char* kWarmHeapTunables =
-    "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295:"
-    "glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0";
-
-void restart_with_warm_heap(char** argv) {
-#if defined(__linux__) && defined(__GLIBC__)
-  if (std::getenv(kWarmHeapMarker) != nullptr) return;
-  std::string tunables = kWarmHeapTunables;
-  if (const char* old = std::getenv("GLIBC_TUNABLES"); old != nullptr && *old != '\0')
-    tunables = std::string(old) + ":" + tunables;
-  setenv("GLIBC_TUNABLES", tunables.c_str(), 1);
-  setenv(kWarmHeapMarker, "1", 1);
-  execv("/proc/self/exe", argv);
-  unsetenv(kWarmHeapMarker);  // exec failed: carry on with glibc's defaults, and say so
-  std::fprintf(stderr, "tessera_bench: could not restart with a warm heap; measuring fresh pages\n");
-#else
-  (void)argv;
-#endif
-}
-
 
 // ---- processes ------------------------------------------------------------------------------
 // Each thread count is measured in a fresh child process (this program, with --child). Why:
@@ -463,12 +418,6 @@ void restart_with_warm_heap(char** argv) {
 // process measured a mix of old and new state (LibTorch's bf16 256^3 product took 30x longer at
 // 2 threads after a 1-thread pass). A program normally picks its thread count once; so does
 // each child, from OMP_NUM_THREADS / OPENBLAS_NUM_THREADS set before it starts.
-
-std::string shell_quote(const std::string& s) {
-  std::string q = "'";
-  for (char ch : s) q += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
-  return q + "'";
-}
 
 // One raw row as a child prints it: "ROW <case> <threads> <t s> <t reps> <T s> <T reps> <diff>".
 void print_raw_row(size_t case_index, const Row& r) {
@@ -523,8 +472,8 @@ int child_main(const Options& o, const bench::TimingOptions& timing) {
 
 int main(int argc, char** argv) {
   const Options o = parse(argc, argv);
-  if (!o.fresh_pages) restart_with_warm_heap(argv);
-  const bool warm_heap = !o.fresh_pages && std::getenv(kWarmHeapMarker) != nullptr;
+  if (!o.fresh_pages) bench::restart_with_warm_heap(argv, "tessera_bench");
+  const bool warm_heap = !o.fresh_pages && std::getenv(bench::kWarmHeapMarker) != nullptr;
   bench::TimingOptions timing;
   if (o.quick) timing = {0.05, 3, 200};
   if (o.child) {
