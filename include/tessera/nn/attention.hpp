@@ -153,30 +153,8 @@ void for_each_tile(const TileRange& r, F&& f) {
 // tessera is built with the compiler's baseline flags.
 
 template <class A, int kBytes>
-struct VecOf;
-template <>
-struct VecOf<float, 16> {
-  typedef float type __attribute__((vector_size(16)));
-};
-template <>
-struct VecOf<float, 32> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct VecOf<float, 64> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct VecOf<double, 16> {
-  typedef double type __attribute__((vector_size(16)));
-};
-template <>
-struct VecOf<double, 32> {
-  typedef double type __attribute__((vector_size(32)));
-};
-template <>
-struct VecOf<double, 64> {
-  typedef double type __attribute__((vector_size(64)));
+struct VecOf {
+  typedef A type __attribute__((vector_size(kBytes)));
 };
 
 // What C starts from: 0 (a fresh product), C itself (accumulate), or C times a per-row factor
