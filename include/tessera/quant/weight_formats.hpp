@@ -1,0 +1,467 @@
+// tessera/quant/weight_formats.hpp — weight matrices stored in fewer bits, for inference.
+//
+// Decoding one token reads every weight of the model once, so on a CPU its speed is the
+// memory bandwidth divided by the bytes of the weights. Storing weights in 16, 8 or ~4.5 bits
+// instead of 32 makes decoding that many times faster, at the price of a rounding error in
+// every weight. This header defines the formats as types and the quantisers that produce them;
+// tessera/quant/qgemm.hpp multiplies activations by them without expanding them in memory.
+//
+// Formats (tag types; QuantizedMatrix<Format> holds a (N, K) = (out, in) weight in it):
+//   FP32Weights      the float weights themselves (the baseline the others are measured by)
+//   BF16Weights      top 16 bits of each float, rounded to nearest even
+//   FP8Weights       E4M3 codes with one float scale per output row (per channel):
+//                    scale = amax / 448, code = fp8(w · 448 / amax), ties to even, saturating
+//                    (quant/fp8_scaling.hpp's tile quantiser with one tile per row)
+//   Int4RTN<G>       round to nearest, asymmetric: each row is cut into groups of G values
+//                    along K, each group an Int4Block<G> (core/int4.hpp) with its own
+//                    float scale and zero point (min); 4 + 64/G bits per weight
+//   Int4AWQ<G>       activation-aware (Lin et al., 2023, "AWQ"): the same blocks, but of
+//                    W·diag(s), where s scales up the input channels that carry large
+//                    activations, so their weights get a finer grid relative to their size.
+//                    The product divides the activations by s first:
+//                        y = (x / s) · Q(W·diag(s))^T  ≈  x · W^T
+//                    s needs calibration rows of the product's input (struct Calibration).
+//
+// The AWQ search (as in the reference implementation, llm-awq's auto_scale.py):
+//   a_c    = mean over calibration rows of |x_c|                          (per input channel)
+//   s(α)_c = a_c^α, then divided by sqrt(max(s)·min(s)) so the scales straddle 1
+//   α*     = argmin over α in {0, 1/20, ..., 19/20} of ||x W^T - x Weff(α)^T||² on the
+//            calibration rows, where Weff(α) = Q(W·diag(s)) diag(1/s) is what the product uses
+// α = 0 gives s = 1 exactly, i.e. plain RTN, and a larger α is only taken when it is strictly
+// better, so AWQ's error on the calibration rows is never above RTN's.
+//
+// Storage, so a caller can write it to a file and read it back (from_parts):
+//   data()                 N·K elements (float, bf16, fp8_e4m3) or N·K/G Int4Block<G> blocks,
+//                          row-major: row n is [n·K, (n+1)·K) or [n·K/G, (n+1)·K/G)
+//   row_scales()           FP8: N dequantisation scales (w ≈ float(code) · scale)
+//   input_scales_inv()     AWQ: K values 1/s_c (the product multiplies x by them)
+// GGUF's Q4_1 blocks are the asymmetric Int4Block<32> with fp16 scale and min: repack_q4_1()
+// turns one into our block and from_int4_blocks() wraps the rows, so a GGUF model's weights run
+// on the same kernels as shipped (no re-quantisation).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "tessera/core/error.hpp"
+#include "tessera/core/int4.hpp"
+#include "tessera/core/number.hpp"
+#include "tessera/core/shape.hpp"
+#include "tessera/core/tensor.hpp"
+#include "tessera/quant/fp8_scaling.hpp"
+
+namespace tessera::quant {
+
+// ---- format tags ------------------------------------------------------------------------------
+// kBits is the stored code width; kBitsPerWeight adds the per-group metadata (FP8's one scale
+// per row depends on K and is left out: 8 + 32/K).
+struct FP32Weights {
+  static constexpr const char* kName = "fp32";
+  static constexpr int kBits = 32;
+  static constexpr double kBitsPerWeight = 32;
+  using Element = float;
+};
+struct BF16Weights {
+  static constexpr const char* kName = "bf16";
+  static constexpr int kBits = 16;
+  static constexpr double kBitsPerWeight = 16;
+  using Element = bf16;
+};
+struct FP8Weights {
+  static constexpr const char* kName = "fp8_e4m3";
+  static constexpr int kBits = 8;
+  static constexpr double kBitsPerWeight = 8;
+  using Element = fp8_e4m3;
+};
+template <int Group_>
+struct Int4RTN {
+  static_assert(Group_ == 32 || Group_ == 64 || Group_ == 128,
+                "Int4RTN<Group>: the group size must be 32, 64 or 128 (Int4Block's sizes)");
+  static constexpr int kGroup = Group_;
+  static constexpr const char* kName = "int4_rtn";
+  static constexpr int kBits = 4;
+  static constexpr double kBitsPerWeight = 4.0 + 64.0 / Group_;  // + float scale and min
+  static constexpr bool kActivationAware = false;
+  using Element = Int4Block<Group_>;
+};
+template <int Group_>
+struct Int4AWQ : Int4RTN<Group_> {
+  static constexpr const char* kName = "int4_awq";
+  static constexpr bool kActivationAware = true;
+};
+
+template <class F>
+inline constexpr bool is_int4_v = requires { F::kGroup; };
+template <class F>
+inline constexpr bool is_awq_v = requires {
+  requires F::kActivationAware;
+};
+
+template <class F>
+concept WeightFormat = std::same_as<F, FP32Weights> || std::same_as<F, BF16Weights> ||
+                       std::same_as<F, FP8Weights> ||
+                       std::same_as<F, Int4RTN<32>> || std::same_as<F, Int4RTN<64>> ||
+                       std::same_as<F, Int4RTN<128>> || std::same_as<F, Int4AWQ<32>> ||
+                       std::same_as<F, Int4AWQ<64>> || std::same_as<F, Int4AWQ<128>>;
+
+// Sample rows of a product's input, for AWQ's scale search.
+struct Calibration {
+  Tensor<float> x;  // (S, K)
+};
+
+// The grid of AWQ's exponent search (llm-awq's n_grid).
+inline constexpr int kAwqGrid = 20;
+
+// ---- the matrix -------------------------------------------------------------------------------
+template <WeightFormat Format>
+class QuantizedMatrix;
+
+// W (N, K) row-major into Format. cal: calibration rows (S, K), required by AWQ, ignored else.
+template <WeightFormat Format>
+QuantizedMatrix<Format> quantize(TensorView<const float, Cpu> w, const Calibration* cal = nullptr);
+
+template <WeightFormat Format>
+class QuantizedMatrix {
+ public:
+  using format = Format;
+  using Element = typename Format::Element;
+
+  QuantizedMatrix() = default;
+
+  // From stored arrays (a file written from data() / row_scales() / input_scales_inv()).
+  // Checks the sizes and that the values can be decoded.
+  static QuantizedMatrix from_parts(std::int64_t rows, std::int64_t cols, std::vector<Element> data,
+                                    std::vector<float> row_scales = {},
+                                    std::vector<float> input_scales_inv = {}) {
+    check_shape("QuantizedMatrix::from_parts", rows, cols);
+    QuantizedMatrix m;
+    m.rows_ = rows;
+    m.cols_ = cols;
+    const std::int64_t want = is_int4_v<Format> ? rows * cols / group() : rows * cols;
+    TESSERA_CHECK(static_cast<std::int64_t>(data.size()) == want, "QuantizedMatrix<",
+                  Format::kName, ">::from_parts: a (", rows, ", ", cols, ") matrix needs ", want,
+                  " elements, got ", data.size());
+    if constexpr (std::is_same_v<Format, FP8Weights>) {
+      TESSERA_CHECK(static_cast<std::int64_t>(row_scales.size()) == rows,
+                    "QuantizedMatrix<fp8_e4m3>::from_parts: needs ", rows, " row scales, got ",
+                    row_scales.size());
+      for (const fp8_e4m3 c : data)
+        TESSERA_CHECK((c.bits & 0x7F) != 0x7F,
+                      "QuantizedMatrix<fp8_e4m3>::from_parts: a code is NaN (0x7F/0xFF)");
+    } else {
+      TESSERA_CHECK(row_scales.empty(), "QuantizedMatrix<", Format::kName,
+                    ">::from_parts: this format has no row scales");
+    }
+    if constexpr (is_awq_v<Format>) {
+      TESSERA_CHECK(static_cast<std::int64_t>(input_scales_inv.size()) == cols,
+                    "QuantizedMatrix<int4_awq>::from_parts: needs ", cols,
+                    " input scales, got ", input_scales_inv.size());
+    } else {
+      TESSERA_CHECK(input_scales_inv.empty(), "QuantizedMatrix<", Format::kName,
+                    ">::from_parts: this format has no input scales");
+    }
+    for (const float s : row_scales)
+      TESSERA_CHECK(std::isfinite(s), "QuantizedMatrix::from_parts: a row scale is ", s);
+    for (const float s : input_scales_inv)
+      TESSERA_CHECK(std::isfinite(s) && s > 0.0f,
+                    "QuantizedMatrix::from_parts: an input scale is ", s);
+    if constexpr (is_int4_v<Format>) {
+      for (const Element& b : data)
+        TESSERA_CHECK(std::isfinite(b.scale) && std::isfinite(b.zero_point),
+                      "QuantizedMatrix::from_parts: a block has scale ", b.scale,
+                      " and zero point ", b.zero_point);
+    }
+    m.data_ = std::move(data);
+    m.row_scales_ = std::move(row_scales);
+    m.input_scales_inv_ = std::move(input_scales_inv);
+    return m;
+  }
+
+  std::int64_t rows() const { return rows_; }  // N, output features
+  std::int64_t cols() const { return cols_; }  // K, input features
+  static constexpr int group() {
+    if constexpr (is_int4_v<Format>) {
+      return Format::kGroup;
+    } else {
+      return 1;
+    }
+  }
+
+  // Bytes a product reads: codes, scales, zero points, input scales.
+  std::size_t bytes() const {
+    return data_.size() * sizeof(Element) + (row_scales_.size() + input_scales_inv_.size()) * sizeof(float);
+  }
+
+  std::span<const Element> data() const { return data_; }
+  std::span<const float> row_scales() const { return row_scales_; }
+  std::span<const float> input_scales_inv() const { return input_scales_inv_; }
+  // AWQ: the exponent the search chose (0 = plain RTN). -1 when not searched here.
+  float awq_alpha() const { return alpha_; }
+
+  // The weight the product multiplies by, (N, K). For AWQ: Q(W·diag(s))·diag(1/s).
+  Tensor<float> dequantize() const {
+    auto out = Tensor<float>::empty(Shape{rows_, cols_});
+    for (std::int64_t n = 0; n < rows_; ++n) dequantize_row(n, out.data() + n * cols_);
+    return out;
+  }
+  void dequantize_row(std::int64_t n, float* out) const {
+    TESSERA_CHECK(n >= 0 && n < rows_, "QuantizedMatrix::dequantize_row: row ", n,
+                  " out of range [0, ", rows_, ")");
+    if constexpr (is_int4_v<Format>) {
+      const std::int64_t per_row = cols_ / group();
+      dequantize_int4(std::span<const Element>(data_).subspan(
+                          static_cast<std::size_t>(n * per_row), static_cast<std::size_t>(per_row)),
+                      out);
+      if constexpr (Format::kActivationAware)
+        for (std::int64_t k = 0; k < cols_; ++k) out[k] *= input_scales_inv_[static_cast<std::size_t>(k)];
+    } else if constexpr (std::is_same_v<Format, FP8Weights>) {
+      const float s = row_scales_[static_cast<std::size_t>(n)];
+      for (std::int64_t k = 0; k < cols_; ++k)
+        out[k] = static_cast<float>(data_[static_cast<std::size_t>(n * cols_ + k)]) * s;
+    } else {
+      for (std::int64_t k = 0; k < cols_; ++k)
+        out[k] = to_float(data_[static_cast<std::size_t>(n * cols_ + k)]);
+    }
+  }
+
+ private:
+  template <WeightFormat F>
+  friend QuantizedMatrix<F> quantize(TensorView<const float, Cpu> w, const Calibration* cal);
+
+  static void check_shape(const char* who, std::int64_t rows, std::int64_t cols) {
+    TESSERA_CHECK(rows > 0 && cols > 0, who, "<", Format::kName, ">: the matrix is (", rows, ", ",
+                  cols, "); an empty weight matrix has nothing to quantise");
+    if constexpr (is_int4_v<Format>) {
+      TESSERA_CHECK(cols % Format::kGroup == 0, who, "<", Format::kName, "<", Format::kGroup,
+                    ">>: K = ", cols, " is not a multiple of the group size ", Format::kGroup,
+                    " (pick a group that divides K, or pad K)");
+    }
+  }
+
+  std::int64_t rows_ = 0;
+  std::int64_t cols_ = 0;
+  std::vector<Element> data_;
+  std::vector<float> row_scales_;
+  std::vector<float> input_scales_inv_;
+  float alpha_ = -1.0f;
+};
+
+namespace detail {
+
+// sum_c x[c] d[c] in double, in eight interleaved partial sums added in a fixed order at the end:
+// one long dependent chain of additions was most of AWQ's search time, and a fixed order keeps the
+// result independent of the machine.
+inline double dot_double(const float* x, const double* d, std::int64_t k) {
+  double p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  std::int64_t c = 0;
+  for (; c + 8 <= k; c += 8)
+    for (int j = 0; j < 8; ++j) p[j] += static_cast<double>(x[c + j]) * d[c + j];
+  const std::int64_t rest = k - c;  // 0..7
+  for (std::int64_t j = 0; j < rest; ++j) p[j & 7] += static_cast<double>(x[c + j]) * d[c + j];
+  return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+}
+
+// AWQ's second step (llm-awq's auto_clip): after the scales, each group of each output row may
+// clip its range before rounding. Shrinking the range to r·max|w| (r = 1, 0.95, ..., 0.5) makes
+// the grid finer for the many small weights at the price of the few largest; the ratio kept is the
+// one whose group contributes the least output error on the calibration rows,
+//   sum_s (sum_{k in group} xs[s, k] (q_r(ws)[k] - ws[k]))²,
+// xs = x / s the product's input and ws = W·diag(s) the scaled weights. r = 1 (no clipping) is
+// tried first and kept on ties, so clipping never raises a group's calibration error.
+inline constexpr int kAwqClipSteps = 11;  // r = 1 - i/20 for i = 0 .. 10: down to half the range
+
+template <int G>
+void awq_clip(const float* ws, std::int64_t n, std::int64_t k, const float* xs,
+              std::int64_t samples, std::vector<Int4Block<G>>& blocks) {
+  const std::int64_t groups = k / G;
+#pragma omp parallel for schedule(dynamic, 4) if (n * k * samples > (1 << 16))
+  for (std::int64_t row = 0; row < n; ++row) {
+    float clamped[G], decoded[G];
+    double diff[G];
+    for (std::int64_t g = 0; g < groups; ++g) {
+      const float* wg = ws + row * k + g * G;
+      float amax = 0;
+      for (int j = 0; j < G; ++j) amax = std::max(amax, std::abs(wg[j]));
+      if (amax == 0) continue;
+      double best_err = 0;
+      Int4Block<G> best{};
+      for (int i = 0; i < kAwqClipSteps; ++i) {
+        const float lim = amax * (1.0f - static_cast<float>(i) / 20.0f);
+        for (int j = 0; j < G; ++j) clamped[j] = std::clamp(wg[j], -lim, lim);
+        const Int4Block<G> blk = tessera::detail::quantize_int4_group<G>(clamped, Int4Mode::kAsymmetric);
+        for (int j = 0; j < G; ++j) decoded[j] = static_cast<float>(blk.nibble(j)) * blk.scale + blk.zero_point;
+        for (int j = 0; j < G; ++j) diff[j] = static_cast<double>(decoded[j]) - static_cast<double>(wg[j]);
+        double err = 0;
+        for (std::int64_t s = 0; s < samples; ++s) {
+          const double dot = dot_double(xs + s * k + g * G, diff, G);
+          err += dot * dot;
+        }
+        if (i == 0 || err < best_err) {
+          best_err = err;
+          best = blk;
+        }
+      }
+      blocks[static_cast<std::size_t>(row * groups + g)] = best;
+    }
+  }
+}
+
+// The calibration error of an effective weight: sum over rows s and outputs n of
+// (x_s · (W_n - Weff_n))², in double. Each output row's part is summed alone and the parts are
+// added in row order, so the number does not depend on the thread count.
+inline double awq_output_error(const float* w, const float* weff, std::int64_t n_rows,
+                               std::int64_t k, const float* x, std::int64_t samples) {
+  std::vector<double> per_row(static_cast<std::size_t>(n_rows), 0.0);
+#pragma omp parallel for schedule(static) if (n_rows * k * samples > (1 << 16))
+  for (std::int64_t n = 0; n < n_rows; ++n) {
+    std::vector<double> d(static_cast<std::size_t>(k));
+    for (std::int64_t c = 0; c < k; ++c)
+      d[static_cast<std::size_t>(c)] =
+          static_cast<double>(w[n * k + c]) - static_cast<double>(weff[n * k + c]);
+    double e = 0;
+    for (std::int64_t s = 0; s < samples; ++s) {
+      const double dot = dot_double(x + s * k, d.data(), k);
+      e += dot * dot;
+    }
+    per_row[static_cast<std::size_t>(n)] = e;
+  }
+  double total = 0;
+  for (const double e : per_row) total += e;
+  return total;
+}
+
+// s = a^α normalised by sqrt(max·min); writes s and 1/s. α = 0 gives exactly 1 and 1.
+inline void awq_scales(const std::vector<float>& a, float alpha, std::vector<float>& s,
+                       std::vector<float>& s_inv) {
+  const std::size_t k = a.size();
+  s.resize(k);
+  s_inv.resize(k);
+  float lo = 0, hi = 0;
+  for (std::size_t c = 0; c < k; ++c) {
+    s[c] = std::pow(a[c], alpha);
+    lo = c == 0 ? s[c] : std::min(lo, s[c]);
+    hi = c == 0 ? s[c] : std::max(hi, s[c]);
+  }
+  const float norm = std::sqrt(hi * lo);
+  for (std::size_t c = 0; c < k; ++c) {
+    s[c] /= norm;
+    s_inv[c] = 1.0f / s[c];
+  }
+}
+
+}  // namespace detail
+
+template <WeightFormat Format>
+QuantizedMatrix<Format> quantize(TensorView<const float, Cpu> w, const Calibration* cal) {
+  using M = QuantizedMatrix<Format>;
+  TESSERA_CHECK(w.rank() == 2, "quantize<", Format::kName, ">: W has shape ", w.shape(),
+                "; expected (N, K) = (out, in)");
+  const std::int64_t n = w.dim(0), k = w.dim(1);
+  M::check_shape("quantize", n, k);
+  const Tensor<float> dense = w.contiguous();
+  const float* pw = dense.data();
+  for (std::int64_t i = 0; i < n * k; ++i)
+    TESSERA_CHECK(std::isfinite(pw[i]), "quantize<", Format::kName, ">: W[", i / k, ", ", i % k,
+                  "] = ", pw[i], " is not finite; a weight with inf or NaN cannot be quantised");
+  M m;
+  m.rows_ = n;
+  m.cols_ = k;
+  if constexpr (std::is_same_v<Format, FP32Weights>) {
+    m.data_.assign(pw, pw + n * k);
+  } else if constexpr (std::is_same_v<Format, BF16Weights>) {
+    m.data_.resize(static_cast<std::size_t>(n * k));
+    for (std::int64_t i = 0; i < n * k; ++i) m.data_[static_cast<std::size_t>(i)] = bf16(pw[i]);
+  } else if constexpr (std::is_same_v<Format, FP8Weights>) {
+    m.data_.resize(static_cast<std::size_t>(n * k));
+    m.row_scales_.resize(static_cast<std::size_t>(n));
+    tessera::detail::quantize_tiled<fp8_e4m3>("quantize<fp8_e4m3>", pw, n, k, 1, k, m.data_.data(),
+                                              m.row_scales_.data());
+  } else if constexpr (!Format::kActivationAware) {
+    m.data_ = quantize_int4<Format::kGroup>(pw, n * k, Int4Mode::kAsymmetric);
+  } else {
+    TESSERA_CHECK(cal != nullptr, "quantize<int4_awq>: AWQ needs calibration rows of this "
+                  "product's input (pass a Calibration with x of shape (S, ", k,
+                  ")); without them use Int4RTN");
+    const Tensor<float>& x = cal->x;
+    TESSERA_CHECK(x.rank() == 2 && x.dim(1) == k && x.dim(0) > 0, "quantize<int4_awq>: "
+                  "calibration x has shape ", x.shape(), "; expected (S, ", k, ") with S > 0");
+    const std::int64_t samples = x.dim(0);
+    std::vector<float> a(static_cast<std::size_t>(k));
+    for (std::int64_t c = 0; c < k; ++c) {
+      double sum = 0;
+      for (std::int64_t s = 0; s < samples; ++s) {
+        const float v = x.data()[s * k + c];
+        TESSERA_CHECK(std::isfinite(v), "quantize<int4_awq>: calibration x[", s, ", ", c,
+                      "] = ", v, " is not finite");
+        sum += std::abs(static_cast<double>(v));
+      }
+      // The reference clamps at 1e-4 so that a silent channel gets a finite scale.
+      a[static_cast<std::size_t>(c)] = std::max(static_cast<float>(sum / static_cast<double>(samples)), 1e-4f);
+    }
+    std::vector<float> s, s_inv, scaled(static_cast<std::size_t>(n * k)),
+        weff(static_cast<std::size_t>(n * k));
+    double best = 0;
+    std::vector<float> best_s;
+    for (int g = 0; g < kAwqGrid; ++g) {
+      const float alpha = static_cast<float>(g) / kAwqGrid;
+      detail::awq_scales(a, alpha, s, s_inv);
+      for (std::int64_t i = 0; i < n * k; ++i) scaled[static_cast<std::size_t>(i)] = pw[i] * s[static_cast<std::size_t>(i % k)];
+      std::vector<Int4Block<Format::kGroup>> blocks =
+          quantize_int4<Format::kGroup>(scaled.data(), n * k, Int4Mode::kAsymmetric);
+      dequantize_int4(blocks, weff.data());
+      for (std::int64_t i = 0; i < n * k; ++i) weff[static_cast<std::size_t>(i)] *= s_inv[static_cast<std::size_t>(i % k)];
+      const double err = detail::awq_output_error(pw, weff.data(), n, k, x.data(), samples);
+      // Strictly better only: ties keep the smaller α (α = 0 is plain RTN).
+      if (g == 0 || err < best) {
+        best = err;
+        m.alpha_ = alpha;
+        m.data_ = std::move(blocks);
+        m.input_scales_inv_ = s_inv;
+        best_s = s;
+      }
+    }
+    // Then the clipping search on the chosen scales (see detail::awq_clip).
+    for (std::int64_t i = 0; i < n * k; ++i)
+      scaled[static_cast<std::size_t>(i)] = pw[i] * best_s[static_cast<std::size_t>(i % k)];
+    std::vector<float> xs(static_cast<std::size_t>(samples * k));
+    for (std::int64_t i = 0; i < samples * k; ++i)
+      xs[static_cast<std::size_t>(i)] = x.data()[i] * m.input_scales_inv_[static_cast<std::size_t>(i % k)];
+    detail::awq_clip<Format::kGroup>(scaled.data(), n, k, xs.data(), samples, m.data_);
+  }
+  return m;
+}
+
+// GGUF Q4_1 block (fp16 d and m, then 16 bytes: element j in the low nibble of byte j and
+// element j + 16 in its high nibble) as an Int4Block<32>: value = nibble · d + m either way, and
+// both fp16 numbers are exact in float, so the block decodes to the same floats as GGUF's own
+// dequantisation (a product then a sum, io/gguf.hpp).
+inline Int4Block<32> repack_q4_1(std::uint16_t d_bits, std::uint16_t m_bits, const std::uint8_t* qs) {
+  Int4Block<32> b{};
+  b.scale = to_float(fp16::from_bits(d_bits));
+  b.zero_point = to_float(fp16::from_bits(m_bits));
+  for (int j = 0; j < 16; ++j) {
+    b.set_nibble(j, static_cast<std::uint8_t>(qs[j] & 0x0F));
+    b.set_nibble(j + 16, static_cast<std::uint8_t>(qs[j] >> 4));
+  }
+  return b;
+}
+
+// Already-quantised rows (rows · cols/32 blocks, row-major), e.g. repacked Q4_1, as shipped.
+inline QuantizedMatrix<Int4RTN<32>> from_int4_blocks(std::int64_t rows, std::int64_t cols,
+                                                     std::vector<Int4Block<32>> blocks) {
+  return QuantizedMatrix<Int4RTN<32>>::from_parts(rows, cols, std::move(blocks));
+}
+
+}  // namespace tessera::quant
