@@ -27,6 +27,9 @@
 //     The results' contract does not depend on any of this: one summation order per element,
 //     independent of the thread count (it may differ between instruction-set paths, as the
 //     row ops' does).
+//   * The projections are recipe_linear products (quant/fp8_training.hpp: ops::linear, or an
+//     FP8 recipe's quantised product when a trainer installed one); the score, softmax and
+//     value products of the kernel below stay in T.
 //   * Saved for backward: x, q and k after RoPE, v, the attention output o (before wo), and
 //     the per-row logsumexp. Backward recomputes each tile's probabilities from the saved
 //     logsumexp (P = exp(s - lse)) as flash attention does, in two race-free passes: one over
@@ -63,6 +66,7 @@
 #include "tessera/ops/detail/rows.hpp"
 #include "tessera/ops/matmul.hpp"
 #include "tessera/ops/rope.hpp"
+#include "tessera/quant/fp8_training.hpp"
 
 namespace tessera::nn {
 
@@ -459,9 +463,9 @@ class Attention {
     saved.x = x.contiguous();  // (B, T, C)
     const TensorView<const T, Cpu> xv = saved.x.view();
 
-    Tensor<T> q = ops::linear<T>(xv, wq_.value);  // (B, T, heads * head_dim)
-    Tensor<T> k = ops::linear<T>(xv, wk_.value);  // (B, T, kv_heads * head_dim)
-    saved.v = ops::linear<T>(xv, wv_.value);      // (B, T, kv_heads * head_dim)
+    Tensor<T> q = recipe_linear<T>(xv, wq_.value);  // (B, T, heads * head_dim)
+    Tensor<T> k = recipe_linear<T>(xv, wk_.value);  // (B, T, kv_heads * head_dim)
+    saved.v = recipe_linear<T>(xv, wv_.value);      // (B, T, kv_heads * head_dim)
     saved.q = ops::rope<T>(q.reshape({B, S, heads_, head_dim_}), rope_);      // (B, T, H, hd)
     saved.k = ops::rope<T>(k.reshape({B, S, kv_heads_, head_dim_}), rope_);   // (B, T, KV, hd)
 
@@ -499,7 +503,7 @@ class Attention {
     st.aux_loss = saved.choice.aux_loss;
 
     // (B, T, heads * head_dim) x wo^T -> (B, T, C)
-    return ops::linear<T>(saved.o.reshape({B, S, heads_ * head_dim_}), wo_.value);
+    return recipe_linear<T>(saved.o.reshape({B, S, heads_ * head_dim_}), wo_.value);
   }
 
  public:
@@ -572,7 +576,7 @@ class Attention {
     const int64_t hd_all = heads_ * head_dim_;
     const auto o2 = saved.o.reshape({B, S, hd_all});  // (B, T, H * hd)
 
-    ops::LinearGrads<T> go = ops::linear_backward<T>(dy, o2, wo_.value, false);
+    ops::LinearGrads<T> go = recipe_linear_backward<T>(dy, o2, wo_.value);
     accumulate(wo_, go.dweight);
     const Tensor<T>& d_o = go.dx;  // (B, T, H * hd)
 
@@ -582,11 +586,12 @@ class Attention {
     Tensor<T> dq_pre = ops::rope_backward<T>(core.dq.view(), rope_);  // (B, T, H, hd)
     Tensor<T> dk_pre = ops::rope_backward<T>(core.dk.view(), rope_);  // (B, T, KV, hd)
     const auto xv = saved.x.view();
-    ops::LinearGrads<T> gq = ops::linear_backward<T>(dq_pre.reshape({B, S, hd_all}), xv, wq_.value, false);
+    ops::LinearGrads<T> gq =
+        recipe_linear_backward<T>(dq_pre.reshape({B, S, hd_all}), xv, wq_.value);
     ops::LinearGrads<T> gk =
-        ops::linear_backward<T>(dk_pre.reshape({B, S, kv_heads_ * head_dim_}), xv, wk_.value, false);
+        recipe_linear_backward<T>(dk_pre.reshape({B, S, kv_heads_ * head_dim_}), xv, wk_.value);
     ops::LinearGrads<T> gv =
-        ops::linear_backward<T>(dv.reshape({B, S, kv_heads_ * head_dim_}), xv, wv_.value, false);
+        recipe_linear_backward<T>(dv.reshape({B, S, kv_heads_ * head_dim_}), xv, wv_.value);
     accumulate(wq_, gq.dweight);
     accumulate(wk_, gk.dweight);
     accumulate(wv_, gv.dweight);

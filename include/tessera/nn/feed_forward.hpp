@@ -11,7 +11,9 @@
 //     w_gate (hidden, d_model), w_up (hidden, d_model), w_down (d_model, hidden). Checkpoints of
 //     DeepSeek / Llama name them gate_proj, up_proj, down_proj; we use w_gate, w_up, w_down.
 //   * Every product is ops::linear, so the matrix-product back end (OpenBLAS, oneDNN, ...) is
-//     the one the ops layer chooses; the non-linearity is ops::swiglu.
+//     the one the ops layer chooses; the non-linearity is ops::swiglu. The products go through
+//     recipe_linear (quant/fp8_training.hpp), which is ops::linear unless a trainer installed
+//     an FP8 recipe's products.
 //   * Saved keeps the layer's input and the three hidden activations (gate, up and their SwiGLU
 //     product); a recompute policy may drop gate/up/act and rebuild them from x with
 //     `recompute(saved)`.
@@ -36,6 +38,7 @@
 #include "tessera/ops/activation.hpp"
 #include "tessera/ops/cast.hpp"
 #include "tessera/ops/matmul.hpp"
+#include "tessera/quant/fp8_training.hpp"
 
 namespace tessera::nn {
 
@@ -131,15 +134,15 @@ class SwiGluFfn {
     saved.x = x.contiguous();
     saved.x = Tensor<T>::from(Shape{rows, d_model_}, saved.x.span());  // (rows, d_model)
     recompute(saved);
-    Tensor<T> y = ops::linear<T>(saved.act, w_down.value);  // (rows, d_model)
-    return Tensor<T>::from(x.shape(), y.span());            // (..., d_model)
+    Tensor<T> y = recipe_linear<T>(saved.act, w_down.value);  // (rows, d_model)
+    return Tensor<T>::from(x.shape(), y.span());              // (..., d_model)
   }
 
   // Rebuilds gate, up and act from saved.x (what a recompute policy calls after dropping them).
   void recompute(Saved& saved) const {
-    saved.gate = ops::linear<T>(saved.x, w_gate.value);  // (rows, hidden)
-    saved.up = ops::linear<T>(saved.x, w_up.value);      // (rows, hidden)
-    saved.act = ops::swiglu<T>(saved.gate, saved.up);     // (rows, hidden)
+    saved.gate = recipe_linear<T>(saved.x, w_gate.value);  // (rows, hidden)
+    saved.up = recipe_linear<T>(saved.x, w_up.value);      // (rows, hidden)
+    saved.act = ops::swiglu<T>(saved.gate, saved.up);      // (rows, hidden)
   }
 
   // dy (..., d_model) -> dx (..., d_model); accumulates into every parameter's grad.
@@ -150,11 +153,11 @@ class SwiGluFfn {
     const int64_t rows = saved.x.dim(0);
     const Tensor<T> dyc = dy.contiguous();
     const TensorView<const T, Cpu> dy2(dyc.data(), Shape{rows, d_model_});  // (rows, d_model)
-    auto g_down = ops::linear_backward<T>(dy2, saved.act, w_down.value, false);
+    auto g_down = recipe_linear_backward<T>(dy2, saved.act, w_down.value);
     detail::accumulate(w_down.grad, g_down.dweight, "w_down.grad");
     auto g_act = ops::swiglu_backward<T>(g_down.dx, saved.gate, saved.up);  // (rows, hidden) x2
-    auto g_gate = ops::linear_backward<T>(g_act.dgate, saved.x, w_gate.value, false);
-    auto g_up = ops::linear_backward<T>(g_act.dup, saved.x, w_up.value, false);
+    auto g_gate = recipe_linear_backward<T>(g_act.dgate, saved.x, w_gate.value);
+    auto g_up = recipe_linear_backward<T>(g_act.dup, saved.x, w_up.value);
     detail::accumulate(w_gate.grad, g_gate.dweight, "w_gate.grad");
     detail::accumulate(w_up.grad, g_up.dweight, "w_up.grad");
     detail::accumulate(g_gate.dx, g_up.dx, "dx");  // (rows, d_model)

@@ -11,8 +11,8 @@
 // | FP32        | float                            | float moments                    | —                       |
 // | BF16Mixed   | bf16 (ops compute in fp32, round once per stored tensor) | fp32 master weights, fp32 gradient accumulators, fp32 moments | — |
 // | FP16Mixed   | fp16                             | as BF16Mixed                     | dynamic loss scaling: backward runs on loss * S; a step whose gradients overflow (inf/NaN norm) is skipped and S halves; S doubles after `growth_interval` clean steps |
-// | FP8Delayed  | not available                    |                                  |                         |
-// | FP8Tile     | not available                    |                                  |                         |
+// | FP8Delayed  | float; the linear products of attention, dense FFN and experts take E4M3 x and W (per-tensor scales from a 16-step amax history) and E5M2 dy | as FP32 | Trainer calls end_step() once per step to roll the amax histories |
+// | FP8Tile     | float; the same products take E4M3 operands everywhere with 1x128 activation / gradient tiles and 128x128 weight blocks | as FP32 | — |
 //
 // Why BF16Mixed's gradients are "fp32": the model's backward writes each micro-batch's
 // gradient in bf16 (one rounding of an fp32-computed value), and the optimizer immediately
@@ -20,21 +20,22 @@
 // the norm, clipping and the update are all fp32. What is not fp32 is the gradient *inside*
 // one backward pass (a bf16 model keeps its intermediates in bf16).
 //
-// The FP8 recipes need FP8 matrix products inside the model's linear layers (E4M3 operands with
-// per-tensor or per-tile scales in the forward, E5M2 gradients in the backward). The number
-// types and the scaling arithmetic exist (core/number.hpp, quant/fp8_scaling.hpp), but the
-// layers do not yet take a quantisation hook, so the recipes are declared here and refused with
-// a message rather than approximated: kAvailable is false, WithRecipe static_asserts, and
-// recipe_by_name throws.
+// The FP8 recipes keep Compute = float: the model stores and updates fp32 values, and only the
+// operands of its heavy matrix products are rounded to FP8 (with fp32 accumulation), as FP8
+// training on GPUs does. A recipe's `Products` type (quant/fp8_training.hpp) is what the
+// Trainer installs around each step for the layers' products to use; the embedding, LM head,
+// router, norms and attention's score / value products stay fp32.
 #pragma once
 
 #include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <string>
 #include <string_view>
 
 #include "tessera/core/error.hpp"
 #include "tessera/core/number.hpp"
+#include "tessera/quant/fp8_training.hpp"
 
 namespace tessera::train {
 
@@ -59,22 +60,27 @@ struct FP16Mixed {
   static constexpr bool kLossScaling = true;
 };
 
-inline constexpr std::string_view kFp8Missing =
-    "is not available yet: the linear layers have no FP8 quantisation hook (E4M3 forward / E5M2 "
-    "backward products with per-tensor or per-tile scales); use fp32, bf16-mixed or fp16-mixed";
-
+// Transformer Engine's DelayedScaling defaults (margin 0, amax_history_len 16, max reduction).
 struct FP8Delayed {
   static constexpr std::string_view kName = "fp8-delayed";
   using Compute = float;
-  static constexpr bool kAvailable = false;
+  static constexpr bool kAvailable = true;
   static constexpr bool kLossScaling = false;
+  static constexpr int kAmaxHistory = 16;
+  static constexpr int kMargin = 0;
+  using Products = Fp8DelayedProducts;
+  static Products make_products() { return Products({.history = kAmaxHistory, .margin = kMargin}); }
 };
 
+// DeepSeek-V3's fine-grained recipe (section 3.3). No loss scaling: a 1x128 tile's own scale
+// lifts small gradients into E4M3's range.
 struct FP8Tile {
   static constexpr std::string_view kName = "fp8-tile";
   using Compute = float;
-  static constexpr bool kAvailable = false;
+  static constexpr bool kAvailable = true;
   static constexpr bool kLossScaling = false;
+  using Products = Fp8TileProducts;
+  static Products make_products() { return Products(); }
 };
 
 template <class R>
@@ -85,22 +91,28 @@ concept PrecisionRecipe = requires {
   { R::kLossScaling } -> std::convertible_to<bool>;
 };
 
+// The FP8 recipes: those whose Trainer installs quantised products in the model's layers.
+template <class R>
+concept Fp8Recipe = PrecisionRecipe<R> && requires {
+  typename R::Products;
+  { R::make_products() } -> std::same_as<typename R::Products>;
+};
+
 // A config with the recipe's compute type as its Scalar.
 template <class Config, PrecisionRecipe Recipe>
 struct WithRecipe : Config {
-  static_assert(Recipe::kAvailable,
-                "tessera precision recipe: FP8Delayed / FP8Tile are not available yet (the linear "
-                "layers have no FP8 quantisation hook); use FP32, BF16Mixed or FP16Mixed");
+  static_assert(Recipe::kAvailable, "tessera precision recipe: this recipe is not available");
   using Scalar = typename Recipe::Compute;
   using recipe = Recipe;
 };
 
-// The names a command line accepts, and a clear refusal for the missing ones.
-inline constexpr std::string_view kRecipeNames = "fp32, bf16-mixed, fp16-mixed (fp8-delayed, fp8-tile: not available)";
+// The names a command line accepts.
+inline constexpr std::string_view kRecipeNames =
+    "fp32, bf16-mixed, fp16-mixed, fp8-delayed, fp8-tile";
 inline void check_recipe_name(std::string_view name) {
-  if (name == FP32::kName || name == BF16Mixed::kName || name == FP16Mixed::kName) return;
-  if (name == FP8Delayed::kName || name == FP8Tile::kName)
-    fail("precision '", name, "' ", kFp8Missing);
+  for (std::string_view n : {FP32::kName, BF16Mixed::kName, FP16Mixed::kName, FP8Delayed::kName,
+                             FP8Tile::kName})
+    if (name == n) return;
   fail("precision '", name, "' is unknown; the recipes are ", kRecipeNames);
 }
 

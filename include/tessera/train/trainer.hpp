@@ -18,16 +18,24 @@
 //   3. FP16Mixed: a non-finite norm (or loss) skips the update and lowers S (said in the report);
 //   4. the update with lr = schedule(s) and grad_scale = clip_scale(norm, max_grad_norm) / S;
 //   5. update_balance for the aux-loss-free MoE bias, from the last micro-batch's routing;
-//   6. zero_grad.
+//   6. zero_grad;
+//   7. FP8Delayed: end_step() rolls the amax histories, the only place its scales change.
+// With an FP8 recipe, steps 1 (forwards and backwards) and evaluate() run inside an Fp8Scope
+// that installs the trainer's Recipe::Products (quant/fp8_training.hpp) in the model's
+// attention, FFN and expert products; evaluate() uses the scales without recording amaxes.
 // Everything a resumed run needs besides weights and optimizer state is in state(): the step,
-// the loader's position and the loss scale; restore(info) puts it back.
+// the loader's position, the loss scale and FP8Delayed's amax histories (by parameter name);
+// restore(info) puts it back.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <type_traits>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -58,6 +66,21 @@ struct StepReport {
   std::int64_t tokens = 0;      // targets predicted in this step
 };
 
+namespace trainer_detail {
+// What a trainer holds for its recipe: the FP8 recipes' Products, nothing for the others.
+struct NoProducts {};
+template <class R>
+struct ProductsOf {
+  using type = NoProducts;
+  static type make() { return {}; }
+};
+template <Fp8Recipe R>
+struct ProductsOf<R> {
+  using type = typename R::Products;
+  static type make() { return R::make_products(); }
+};
+}  // namespace trainer_detail
+
 // Schedule: any callable lr(step) (train/schedule.hpp).
 template <class Model, PrecisionRecipe Recipe, class Optimizer, class Schedule = WarmupCosine>
 class Trainer {
@@ -65,11 +88,21 @@ class Trainer {
   static_assert(std::is_same_v<typename Model::value_type, typename Recipe::Compute>,
                 "Trainer: the model's Scalar must be the recipe's Compute type; build the model "
                 "from WithRecipe<Config, Recipe>");
+  static constexpr bool kFp8 = Fp8Recipe<Recipe>;
+  using Products = typename trainer_detail::ProductsOf<Recipe>::type;
+  static constexpr bool kDelayed = std::is_same_v<Products, Fp8DelayedProducts>;
+  static constexpr const char* kOperandKeys[kFp8Operands] = {"input", "weight", "grad_output"};
+  static Products make_products() { return trainer_detail::ProductsOf<Recipe>::make(); }
 
  public:
   Trainer(Model& model, Optimizer& optimizer, BatchLoader& loader, Schedule schedule,
           TrainerOptions options = {})
-      : model_(model), opt_(optimizer), loader_(loader), schedule_(schedule), o_(options) {
+      : model_(model),
+        opt_(optimizer),
+        loader_(loader),
+        schedule_(schedule),
+        o_(options),
+        products_(make_products()) {
     TESSERA_CHECK(o_.micro_batches >= 1, "Trainer: micro_batches ", o_.micro_batches,
                   " must be >= 1");
     scaler_.growth_interval = o_.loss_scale_growth_interval;
@@ -84,6 +117,8 @@ class Trainer {
     const double S = Recipe::kLossScaling ? scaler_.scale : 1.0;
     r.loss_scale = S;
     bool finite = true;
+    std::optional<Fp8Scope> fp8;
+    if constexpr (kFp8) fp8.emplace(products_);
     for (std::int64_t mb = 0; mb < o_.micro_batches; ++mb) {
       const Tensor<std::int32_t> seq = loader_.next();  // (B, T + 1)
       const models::NextTokenBatch batch = models::next_token_batch(seq);
@@ -114,6 +149,7 @@ class Trainer {
     }
     model_.zero_grad();
     opt_.zero_grad(model_);
+    if constexpr (kDelayed) products_.end_step();
     ++step_;
     return r;
   }
@@ -123,6 +159,8 @@ class Trainer {
   double evaluate(BatchLoader& loader, std::int64_t batches) {
     double sum = 0.0;
     std::int64_t count = 0;
+    std::optional<Fp8Scope> fp8;
+    if constexpr (kFp8) fp8.emplace(products_, /*record=*/false);
     for (std::int64_t b = 0; b < batches; ++b) {
       const Tensor<std::int32_t> seq = loader.next();
       const models::NextTokenBatch batch = models::next_token_batch(seq);
@@ -138,13 +176,33 @@ class Trainer {
   const DynamicLossScale& loss_scale() const { return scaler_; }
   typename Model::Saved& last_saved() { return saved_; }
 
+  // The FP8 recipe's products. A forward outside step() and evaluate() (sampling) computes in
+  // plain fp32 unless it installs them: Fp8Scope scope(trainer.fp8_products(), false).
+  Products& fp8_products()
+    requires Fp8Recipe<Recipe>
+  {
+    return products_;
+  }
+
   nlohmann::json state() const {
     const LoaderPosition p = loader_.position();
-    return {{"step", step_},
-            {"recipe", std::string(Recipe::kName)},
-            {"loader", {{"epoch", p.epoch}, {"index", p.index}}},
-            {"loss_scale", {{"scale", scaler_.scale}, {"clean_steps", scaler_.clean_steps},
-                            {"skipped", scaler_.skipped}}}};
+    nlohmann::json s = {{"step", step_},
+                        {"recipe", std::string(Recipe::kName)},
+                        {"loader", {{"epoch", p.epoch}, {"index", p.index}}},
+                        {"loss_scale", {{"scale", scaler_.scale}, {"clean_steps", scaler_.clean_steps},
+                                        {"skipped", scaler_.skipped}}}};
+    if constexpr (kDelayed) {
+      // Under the parameter's name: the address that keys a product does not survive a restart.
+      nlohmann::json h = nlohmann::json::object();
+      model_.visit_parameters([&](std::string_view name, auto& param) {
+        const auto it = products_.sites().find(param.value.data());
+        if (it == products_.sites().end()) return;
+        nlohmann::json& e = h[std::string(name)];
+        for (int i = 0; i < kFp8Operands; ++i) e[kOperandKeys[i]] = it->second.history[size_t(i)];
+      });
+      s["fp8_amax_history"] = std::move(h);
+    }
+    return s;
   }
 
   void save(CheckpointManager& ckpt) { ckpt.save(step_, model_, opt_, state()); }
@@ -161,6 +219,17 @@ class Trainer {
     scaler_.scale = s.at("loss_scale").at("scale").get<double>();
     scaler_.clean_steps = s.at("loss_scale").at("clean_steps").get<std::int64_t>();
     scaler_.skipped = s.at("loss_scale").at("skipped").get<std::int64_t>();
+    if constexpr (kDelayed) {
+      products_ = make_products();
+      const nlohmann::json h = s.value("fp8_amax_history", nlohmann::json::object());
+      model_.visit_parameters([&](std::string_view name, auto& param) {
+        const auto it = h.find(std::string(name));
+        if (it == h.end()) return;
+        for (int i = 0; i < kFp8Operands; ++i)
+          products_.set_history(param.value.data(), static_cast<Fp8Operand>(i),
+                                it->value(kOperandKeys[i], std::vector<float>{}));
+      });
+    }
     model_.zero_grad();
     opt_.zero_grad(model_);
   }
@@ -174,6 +243,7 @@ class Trainer {
   DynamicLossScale scaler_;
   std::int64_t step_ = 0;
   typename Model::Saved saved_;
+  Products products_;
 };
 
 }  // namespace tessera::train
