@@ -10,8 +10,10 @@
 #include <ATen/Version.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <map>
 #include <memory>
 #include <sstream>
 
@@ -306,6 +308,136 @@ Bench block_f32(const float* x, const float* dy, const BlockShape& s, const Bloc
     }
     return out;
   };
+  return {run, result};
+}
+
+}  // namespace torch_side
+
+namespace torch_side {
+
+Bench decoder_train_f32(const std::vector<NamedWeight>& weights, const int32_t* tokens,
+                        const DecoderShape& s) {
+  namespace F = torch::nn::functional;
+  const int64_t B = s.batch, T = s.seq, C = s.d_model, H = s.heads, KV = s.kv_heads;
+  const int64_t hd = C / H, group = H / KV;
+
+  struct Model {
+    std::map<std::string, torch::Tensor> p;  // parameters by tessera's name
+    std::vector<torch::Tensor> bias;         // (experts) per layer; undefined for dense layers
+    std::unique_ptr<torch::optim::AdamW> opt;
+    torch::Tensor inputs, targets, cos, sin, mask;
+    torch::Tensor loss;
+  };
+  auto m = std::make_shared<Model>();
+  std::vector<torch::Tensor> params;
+  for (const NamedWeight& w : weights) {
+    if (w.name.find(".attn.gate.") != std::string::npos) continue;
+    auto t = wrap_f32(w.data, w.shape).clone().requires_grad_(true);
+    m->p.emplace(w.name, t);
+    params.push_back(t);
+  }
+  for (int64_t l = 0; l < s.layers; ++l)
+    m->bias.push_back(l < s.dense_layers ? torch::Tensor() : torch::zeros({s.experts}));
+  m->opt = std::make_unique<torch::optim::AdamW>(
+      params, torch::optim::AdamWOptions(s.lr)
+                  .betas({s.beta1, s.beta2})
+                  .eps(s.adam_eps)
+                  .weight_decay(s.weight_decay));
+  auto seq = torch::from_blob(const_cast<int32_t*>(tokens), {B, T + 1},
+                              torch::TensorOptions().dtype(torch::kInt32))
+                 .to(torch::kInt64);
+  m->inputs = seq.narrow(1, 0, T).contiguous();
+  m->targets = seq.narrow(1, 1, T).contiguous();
+  const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  auto inv_freq = 1.0 / torch::pow(s.rope_theta, torch::arange(0, hd, 2, f64) / double(hd));
+  auto angle = torch::arange(T, f64).unsqueeze(1) * inv_freq;  // (T, hd/2)
+  m->cos = torch::cos(angle).to(torch::kFloat32).view({1, T, 1, hd / 2});
+  m->sin = torch::sin(angle).to(torch::kFloat32).view({1, T, 1, hd / 2});
+  m->mask = torch::ones({T, T}, torch::TensorOptions().dtype(torch::kBool)).triu(1);
+
+  auto run = [=] {
+    Model& M = *m;
+    auto P = [&](const std::string& name) -> const torch::Tensor& { return M.p.at(name); };
+    const float eps = static_cast<float>(s.eps);
+    auto rmsnorm = [eps](const torch::Tensor& t, const torch::Tensor& g) {
+      return t * torch::rsqrt(t.pow(2).mean(-1, /*keepdim=*/true) + eps) * g;
+    };
+    auto rope = [&](const torch::Tensor& t) {  // (B, T, heads, hd), rotate_half
+      auto x1 = t.narrow(-1, 0, hd / 2), x2 = t.narrow(-1, hd / 2, hd / 2);
+      return torch::cat({x1 * M.cos - x2 * M.sin, x2 * M.cos + x1 * M.sin}, -1);
+    };
+    auto swiglu = [&](const std::string& pre, const torch::Tensor& t) {
+      return F::linear(torch::silu(F::linear(t, P(pre + "w_gate"))) * F::linear(t, P(pre + "w_up")),
+                       P(pre + "w_down"));
+    };
+    // Grads to none (set_to_none), so backward writes them instead of adding to zeros.
+    for (auto& kv : M.p) kv.second.mutable_grad() = torch::Tensor();
+    auto h = F::embedding(M.inputs, P("embed.weight"));  // (B, T, C)
+    std::vector<torch::Tensor> loads;
+    for (int64_t l = 0; l < s.layers; ++l) {
+      const std::string pre = "layers." + std::to_string(l) + ".";
+      auto h1 = rmsnorm(h, P(pre + "norm1.weight"));
+      auto q = rope(F::linear(h1, P(pre + "attn.wq")).view({B, T, H, hd})).transpose(1, 2);
+      auto k = rope(F::linear(h1, P(pre + "attn.wk")).view({B, T, KV, hd})).transpose(1, 2);
+      auto v = F::linear(h1, P(pre + "attn.wv")).view({B, T, KV, hd}).transpose(1, 2);
+      if (group > 1) {
+        k = k.repeat_interleave(group, 1);
+        v = v.repeat_interleave(group, 1);
+      }
+      auto scores = torch::matmul(q, k.transpose(-2, -1)).mul_(1.0 / std::sqrt(double(hd)));
+      scores.masked_fill_(M.mask, -std::numeric_limits<float>::infinity());
+      auto o = torch::matmul(torch::softmax(scores, -1), v).transpose(1, 2).reshape({B, T, C});
+      h = h + F::linear(o, P(pre + "attn.wo"));
+      auto h2 = rmsnorm(h, P(pre + "norm2.weight"));
+      if (l < s.dense_layers) {
+        h = h + swiglu(pre + "ffn.", h2);
+        continue;
+      }
+      auto flat = h2.reshape({B * T, C});                                         // (N, C)
+      auto scores_e = torch::sigmoid(F::linear(flat, P(pre + "ffn.router.gate")));  // (N, E)
+      torch::Tensor chosen;
+      {
+        torch::NoGradGuard no_grad;  // the choice is discrete; only the weights carry gradient
+        auto sel = scores_e + M.bias[size_t(l)];
+        auto grouped = sel.view({B * T, s.groups, s.experts / s.groups});
+        auto group_score = std::get<0>(grouped.topk(std::min<int64_t>(2, s.experts / s.groups), -1)).sum(-1);
+        auto top_groups = std::get<1>(group_score.topk(s.top_groups, -1));
+        auto keep = torch::zeros({B * T, s.groups}, torch::TensorOptions().dtype(torch::kBool))
+                        .scatter_(1, top_groups, true);
+        sel = sel.view({B * T, s.groups, -1})
+                  .masked_fill(keep.logical_not().unsqueeze(-1), -std::numeric_limits<float>::infinity())
+                  .view({B * T, s.experts});
+        chosen = std::get<1>(sel.topk(s.top_k, -1));  // (N, k)
+      }
+      auto w = scores_e.gather(1, chosen);
+      w = w / w.sum(-1, /*keepdim=*/true);
+      auto out = torch::zeros_like(flat);
+      auto hit = F::one_hot(chosen, s.experts).permute({2, 1, 0});  // (E, k, N)
+      for (int64_t e = 0; e < s.experts; ++e) {
+        auto idx = torch::where(hit[e]);
+        const auto& slot = idx[0];
+        const auto& tok = idx[1];
+        if (tok.numel() == 0) continue;
+        auto ye = swiglu(pre + "ffn.experts." + std::to_string(e) + ".", flat.index_select(0, tok));
+        out = out.index_add(0, tok, ye * w.index({tok, slot}).unsqueeze(1));
+      }
+      for (int64_t e = 0; e < s.shared; ++e)
+        out = out + swiglu(pre + "ffn.shared_experts." + std::to_string(e) + ".", flat);
+      h = h + out.view({B, T, C});
+      loads.push_back(torch::bincount(chosen.flatten(), {}, s.experts));
+    }
+    auto logits = F::linear(rmsnorm(h, P("norm.weight")), P("lm_head.weight"));  // (B, T, V)
+    M.loss = F::cross_entropy(logits.view({B * T, s.vocab}), M.targets.view({B * T}));
+    M.loss.backward();
+    M.opt->step();
+    torch::NoGradGuard no_grad;
+    size_t i = 0;
+    for (int64_t l = s.dense_layers; l < s.layers; ++l, ++i) {
+      auto load = loads[i].to(torch::kFloat32);
+      M.bias[size_t(l)].add_(torch::sign(load.mean() - load) * s.bias_rate);
+    }
+  };
+  auto result = [=] { return std::vector<std::vector<float>>{to_vector(m->loss.detach())}; };
   return {run, result};
 }
 

@@ -106,3 +106,37 @@ Bench block_f32(const float* x, const float* dy, const BlockShape& shape, const 
                 bool backward);
 
 }  // namespace torch_side
+
+namespace torch_side {
+
+// A whole decoder's training step (train_bench): the R1 layout of models/decoder.hpp as a
+// LibTorch 1.13 user writes it. Weights are tessera's, found by their names ("embed.weight",
+// "layers.<l>.attn.wq", "layers.<l>.ffn.experts.<e>.w_gate", "lm_head.weight", ...), and COPIED
+// into LibTorch parameters (the optimizer updates them; from_blob would write tessera's).
+// Names of parts LibTorch does not model are skipped (the learned window gate "attn.gate.*").
+struct NamedWeight {
+  std::string name;
+  const float* data = nullptr;
+  std::vector<int64_t> shape;
+};
+struct DecoderShape {
+  int64_t batch = 0, seq = 0, vocab = 0, d_model = 0, layers = 0, heads = 0, kv_heads = 0;
+  int64_t dense_layers = 0;
+  int64_t experts = 0, top_k = 0, groups = 1, top_groups = 1, shared = 0;
+  double eps = 1e-6, rope_theta = 10000.0;
+  double lr = 1e-3, beta1 = 0.9, beta2 = 0.95, adam_eps = 1e-8, weight_decay = 0.1;
+  double bias_rate = 1e-3;  // aux-loss-free balance: bias += rate * sign(mean load - load)
+};
+
+// One training step per run(): grads reset to none, forward (embedding; per block LlamaRMSNorm,
+// rotate_half RoPE, matmul + causal masked_fill + softmax attention, and a SwiGLU or the MoE of
+// DeepSeek-V3's reference: sigmoid scores, + selection bias, groups scored by their two best,
+// top groups, top-k, weights renormalised over the chosen, Mixtral's per-expert gather loop,
+// shared experts on every token; final norm, LM head, mean cross-entropy), loss.backward(),
+// torch::optim::AdamW::step(), and the bias update from the step's expert load.
+// tokens: (batch, seq + 1) ids; inputs are the first seq columns, targets the last seq.
+// result(): {{loss of the last step}}.
+Bench decoder_train_f32(const std::vector<NamedWeight>& weights, const int32_t* tokens,
+                        const DecoderShape& shape);
+
+}  // namespace torch_side

@@ -20,6 +20,7 @@
 
 #include "tessera/core/device.hpp"
 #include "tessera/core/error.hpp"
+#include "tessera/core/memory.hpp"
 #include "tessera/core/number.hpp"
 #include "tessera/core/shape.hpp"
 
@@ -169,6 +170,10 @@ class Tensor {
     Tensor t;
     t.shape_ = shape;
     t.data_ = static_cast<T*>(DeviceMemory<D>::allocate(t.size_bytes()));
+    // The recompute policies' peak-memory figures count here and in reset() (core/memory.hpp).
+    if constexpr (std::same_as<D, Cpu>) {
+      if (t.data_) memory::on_allocate(t.size_bytes());
+    }
     return t;
   }
   static Tensor zeros(Shape shape) { return Tensor(shape); }
@@ -274,7 +279,10 @@ class Tensor {
 
  private:
   void reset() {
-    if (data_) DeviceMemory<D>::release(data_, size_bytes());
+    if (data_) {
+      DeviceMemory<D>::release(data_, size_bytes());
+      if constexpr (std::same_as<D, Cpu>) memory::on_release(size_bytes());
+    }
     data_ = nullptr;
   }
 

@@ -25,6 +25,11 @@
 // The aux-loss-free BiasBalance adds nothing to the loss; call update_balance(saved) after each
 // optimizer step instead.
 //
+// Activation recompute: the config may name `using Recompute = ts::Selective;` (or
+// ts::RecomputeBlock; StoreAll when it names none) to keep less of each block between forward
+// and backward (nn/transformer_block.hpp, models/trunk.hpp). Every policy gives bit-identical
+// gradients; docs/training.md has what each keeps and its memory and time.
+//
 // Why the whole (B, T, vocab) logits are kept in Saved: the fused cross-entropy backward needs
 // them, and recomputing the head would cost another (B*T) x d_model x vocab product.
 //
@@ -40,6 +45,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "tessera/core/device.hpp"
@@ -89,7 +95,15 @@ class Decoder : public detail::ModelCommon<Decoder<Config, Device>> {
   using value_type = T;
   using Window = typename Resolved::Window;
   using Ffn = typename Resolved::Ffn;
-  using Trunk = detail::Trunk<Resolved>;
+  // The activation recompute policy (nn/transformer_block.hpp): the config's `Recompute`, else
+  // StoreAll. Gradients are bit-identical under every policy; memory and time are not.
+  using Recompute = recompute_t<Config>;
+  static_assert(nn::RecomputePolicy<Recompute>,
+                "tessera config: Recompute must be a recompute policy: ts::StoreAll, "
+                "ts::Selective or ts::RecomputeBlock");
+  // (StoreAll stands in for a bad policy so that the message above is the only one.)
+  using Trunk = detail::Trunk<
+      Resolved, std::conditional_t<nn::RecomputePolicy<Recompute>, Recompute, nn::StoreAll>>;
   using DenseBlock = typename Trunk::DenseBlock;
   using MoEBlock = typename Trunk::MoEBlock;
   using A = ops::row_acc_t<T>;

@@ -18,6 +18,12 @@
 // Block l has index l + 1 for its random streams (nn/transformer_block.hpp): subsequences
 // 8(l+1) .. 8(l+1)+5; subsequences 0..7 belong to the embedding (0) and the heads (1).
 //
+// Activation recompute: Trunk<R, Recompute> applies one policy of nn/transformer_block.hpp to
+// every block: release<Recompute> after each block's forward, rebuild<Recompute> before its
+// backward and release again after it, so at most one block holds its full state during
+// backward. The block states live in `mutable` members of Saved for that reason: backward takes
+// the saved state by const reference and leaves it as forward left it.
+//
 // Shapes: ids (B, T) int32; hidden states (B, T, C).
 #pragma once
 
@@ -65,6 +71,21 @@ struct ModelStats {
   double active_parameter_fraction = 0.0;
 };
 
+// The config's activation recompute policy: `using Recompute = ts::Selective;` (or StoreAll,
+// RecomputeBlock); StoreAll when the config names none. Resolved here rather than in
+// ResolvedConfig because it changes only what a model keeps, never its layout.
+template <class C>
+struct recompute_of {
+  using type = nn::StoreAll;
+};
+template <class C>
+  requires requires { typename C::Recompute; }
+struct recompute_of<C> {
+  using type = typename C::Recompute;
+};
+template <class C>
+using recompute_t = typename recompute_of<C>::type;
+
 namespace detail {
 
 // Layer l's block type: its window (the config's WindowAt<l>, else Window) and its FFN (dense
@@ -88,8 +109,9 @@ class TrunkBlocks {
   using MoEBlock = nn::TransformerBlock<T, typename R::Window, typename R::Ffn>;
 
   struct SavedBlocks {
-    std::vector<typename DenseBlock::Saved> dense;  // layers [0, dense_layers)
-    std::vector<typename MoEBlock::Saved> moe;      // layers [dense_layers, layers)
+    // mutable: backward rebuilds what a recompute policy dropped (trunk's header).
+    mutable std::vector<typename DenseBlock::Saved> dense;  // layers [0, dense_layers)
+    mutable std::vector<typename MoEBlock::Saved> moe;      // layers [dense_layers, layers)
   };
 
   TrunkBlocks(Seed seed, const nn::BlockOptions& options) {
@@ -126,7 +148,7 @@ class TrunkBlocks {
     for (size_t l = 0; l < moe_.size(); ++l) f(moe_[l], saved.moe[l]);
   }
 
-  // Backward order (last layer first): f(block&, const block's Saved&).
+  // Backward order (last layer first): f(block&, block's Saved&).
   template <class F>
   void backward_pairs(const SavedBlocks& saved, F&& f) {
     check_saved(saved, "backward");
@@ -172,7 +194,8 @@ class TrunkBlocks<R, true> {
   using Block = BlockAt<R, Layer>;
 
   struct SavedBlocks {
-    decltype(saved_type(Seq{})) layers;  // std::get<l>(layers): layer l's Block<l>::Saved
+    // std::get<l>(layers): layer l's Block<l>::Saved; mutable as in the vector layout.
+    mutable decltype(saved_type(Seq{})) layers;
     bool filled = false;
   };
 
@@ -238,11 +261,12 @@ class TrunkBlocks<R, true> {
   Blocks blocks_;
 };
 
-template <class R>
+template <class R, nn::RecomputePolicy Recompute_ = nn::StoreAll>
 class Trunk : public TrunkBlocks<R> {
   using Base = TrunkBlocks<R>;
 
  public:
+  using Recompute = Recompute_;
   using T = typename R::Scalar;
   using Window = typename R::Window;
   using Ffn = typename R::Ffn;
@@ -284,6 +308,7 @@ class Trunk : public TrunkBlocks<R> {
     Tensor<T> h = embed_.forward(ids, saved.embed);  // (B, T, C)
     this->forward_pairs(saved, [&](const auto& block, auto& s) {
       h = key_lengths ? block.forward(h, s, *key_lengths) : block.forward(h, s);
+      block.template release<Recompute>(s);
     });
     return norm_.forward(h, saved.norm);  // (B, T, C)
   }
@@ -292,8 +317,10 @@ class Trunk : public TrunkBlocks<R> {
   // dhn (B, T, C), the gradient at the final norm's output, back to the embedding.
   void backward(TensorView<const T, Cpu> dhn, const Saved& saved, double aux_grad) {
     Tensor<T> dh = norm_.backward(dhn, saved.norm);  // (B, T, C)
-    this->backward_pairs(saved, [&](auto& block, const auto& s) {
+    this->backward_pairs(saved, [&](auto& block, auto& s) {
+      block.template rebuild<Recompute>(s);
       dh = block.backward(dh, s, aux_grad);
+      block.template release<Recompute>(s);  // one block's full state at a time
     });
     embed_.backward(dh, saved.embed);
   }

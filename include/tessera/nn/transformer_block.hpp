@@ -32,15 +32,35 @@
 // "ffn.experts.<e>.w_gate|w_up|w_down", "ffn.shared_experts.<s>.w_..." (MoE). Buffers (not
 // trained by gradient): "ffn.router.expert_bias" under a bias balance.
 //
+// Activation recompute (docs/training.md, "Activation recompute"). A policy says which parts of
+// Saved survive between forward and backward; the model calls release<P>(saved) after forward
+// and rebuild<P>(saved) before backward, and each rebuild runs the very ops forward ran on the
+// very inputs it read, so backward sees bit-identical state and every gradient is the same under
+// every policy. That holds because the forward is a pure function of its input and the
+// parameters: no random draw, no state advanced by a forward (the router's balance bias and the
+// FP8 recipes' scales move only at explicit end-of-step calls), and every op splits its work the
+// same way on every call with the same shapes and thread count.
+//   StoreAll        keep everything (what backward reads directly; the default).
+//   Selective       keep the matrix-product outputs (q, k, v, the attention output, gate/up and
+//                   each expert's output, the router's scores) and the residual stream; drop the
+//                   cheap ones: both norms' outputs (the attention's and the FFN's input, every
+//                   expert's gathered rows) and SwiGLU's silu(gate) * up. rebuild re-runs two
+//                   row norms, the gathers and the SwiGLUs.
+//   RecomputeBlock  keep only the block's input (and its stats and key padding); rebuild re-runs
+//                   the whole block forward, about a third of the block's training FLOPs.
+//
 // Shapes: x, y (B, T, C).
 #pragma once
 
+#include <algorithm>
+#include <concepts>
 #include <cstdint>
 #include <span>
 #include <string>
 #include <string_view>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "tessera/core/error.hpp"
 #include "tessera/core/rng.hpp"
@@ -51,9 +71,36 @@
 #include "tessera/nn/moe.hpp"
 #include "tessera/nn/parameter.hpp"
 #include "tessera/nn/window.hpp"
+#include "tessera/ops/activation.hpp"
 #include "tessera/ops/elementwise.hpp"
+#include "tessera/ops/norm.hpp"
 
 namespace tessera::nn {
+
+// Activation recompute policies (the file header says what each keeps). A model config names
+// one as `using Recompute = ts::Selective;` (models/decoder.hpp); StoreAll when it names none.
+struct StoreAll {
+  static constexpr std::string_view kName = "store_all";
+  static constexpr bool kDropCheap = false;   // drop norm and SwiGLU outputs after forward
+  static constexpr bool kInputOnly = false;   // drop everything but the block's input
+};
+struct Selective {
+  static constexpr std::string_view kName = "selective";
+  static constexpr bool kDropCheap = true;
+  static constexpr bool kInputOnly = false;
+};
+struct RecomputeBlock {
+  static constexpr std::string_view kName = "recompute_block";
+  static constexpr bool kDropCheap = false;  // everything but the input goes anyway
+  static constexpr bool kInputOnly = true;
+};
+
+template <class P>
+concept RecomputePolicy = requires {
+  { P::kName } -> std::convertible_to<std::string_view>;
+  { P::kDropCheap } -> std::convertible_to<bool>;
+  { P::kInputOnly } -> std::convertible_to<bool>;
+};
 
 struct BlockOptions {
   AttentionOptions attention{};  // tile size, RoPE table length and scaling
@@ -172,6 +219,66 @@ class TransformerBlock {
     return ops::add<T>(dh, norm1_.backward(dh1, saved.norm1));              // (B, T, C)
   }
 
+  // After forward: frees what policy P does not keep. The stats stay (the model reports them).
+  template <RecomputePolicy P>
+  void release(Saved& saved) const {
+    if constexpr (P::kInputOnly) {
+      Tensor<T> x = std::move(saved.norm1.x);
+      std::vector<int64_t> key_lengths = std::move(saved.attn.key_lengths);
+      BlockStats stats = std::move(saved.stats);
+      saved = Saved{};
+      saved.norm1.x = std::move(x);
+      saved.attn.key_lengths = std::move(key_lengths);
+      saved.stats = std::move(stats);
+    } else if constexpr (P::kDropCheap) {
+      saved.attn.x = Tensor<T>();  // norm1's output
+      if constexpr (kMoE) {
+        saved.ffn.route.x = Tensor<T>();  // norm2's output
+        for (auto& e : saved.ffn.expert_saved) drop_swiglu_inputs(e);
+        for (auto& e : saved.ffn.shared_saved) drop_swiglu_inputs(e);
+      } else {
+        drop_swiglu_inputs(saved.ffn);
+      }
+    }
+  }
+
+  // Before backward: rebuilds, bit for bit, what release<P>(saved) freed.
+  template <RecomputePolicy P>
+  void rebuild(Saved& saved) const {
+    if constexpr (P::kInputOnly) {
+      // forward_impl overwrites saved.norm1.x and saved.attn.key_lengths: take them out first.
+      const Tensor<T> x = std::move(saved.norm1.x);                   // (B, T, C)
+      const std::vector<int64_t> key_lengths = std::move(saved.attn.key_lengths);
+      const std::span<const int64_t> lengths(key_lengths);
+      (void)forward_impl(x, saved, key_lengths.empty() ? nullptr : &lengths);
+    } else if constexpr (P::kDropCheap) {
+      const int64_t C = d_model(), rows = saved.norm2.x.numel() / C;
+      // What norm1_.forward returned: the same op on the same saved input.
+      saved.attn.x =
+          ops::rms_norm<T>(saved.norm1.x, norm1_.weight.value, norm1_.eps()).y;  // (B, T, C)
+      Tensor<T> h2 = ops::rms_norm<T>(saved.norm2.x.reshape({rows, C}), norm2_.weight.value,
+                                      norm2_.eps()).y;  // (rows, C)
+      if constexpr (kMoE) {
+        auto& f = saved.ffn;
+        const int64_t k = FfnLayer::kTopK;
+        for (size_t e = 0; e < f.expert_saved.size(); ++e) {
+          const int64_t b = f.begin[e], n = f.begin[e + 1] - b;
+          if (n == 0) continue;  // forward ran no rows there; its state is not read
+          Tensor<T> xe = Tensor<T>::empty(Shape{n, C});  // (rows_e, C), MoELayer's gather
+          for (int64_t r = 0; r < n; ++r) {
+            const int64_t t = f.order[size_t(b + r)] / k;
+            std::copy_n(h2.data() + t * C, C, xe.data() + r * C);
+          }
+          rebuild_swiglu(f.expert_saved[e], std::move(xe));
+        }
+        for (auto& sh : f.shared_saved) rebuild_swiglu(sh, h2.clone());
+        f.route.x = std::move(h2);
+      } else {
+        rebuild_swiglu(saved.ffn, std::move(h2));
+      }
+    }
+  }
+
   template <class F>
   void visit_parameters(F&& f) {
     visit_prefixed("norm1.", norm1_, f);
@@ -211,6 +318,16 @@ class TransformerBlock {
     }
   }
 
+  // A SwiGLU's input rows (a norm's output) and silu(gate) * up; gate and up stay.
+  static void drop_swiglu_inputs(typename SwiGluFfn<T>::Saved& s) {
+    s.x = Tensor<T>();
+    s.act = Tensor<T>();
+  }
+  static void rebuild_swiglu(typename SwiGluFfn<T>::Saved& s, Tensor<T> x) {
+    s.x = std::move(x);                          // (rows, C)
+    s.act = ops::swiglu<T>(s.gate, s.up);        // (rows, hidden), as SwiGluFfn::recompute
+  }
+
   template <class Layer, class F>
   static void visit_prefixed(const char* prefix, Layer& layer, F& f) {
     layer.visit_parameters([&](std::string_view name, Parameter<T>& p) {
@@ -226,3 +343,9 @@ class TransformerBlock {
 };
 
 }  // namespace tessera::nn
+
+namespace tessera {
+using nn::RecomputeBlock;
+using nn::Selective;
+using nn::StoreAll;
+}  // namespace tessera
