@@ -5,6 +5,11 @@
 //                                         [--rounds 2]
 //
 // Rows (each side runs `rounds` times, alternating, the best run counts):
+//   formats  decode tokens/s at batch 1 with the linear weights in bf16, fp8, INT4 (Q4_1 as
+//            shipped) and INT4 AWQ, multiplied by quant/qgemm.hpp's kernels, each beside its own
+//            bandwidth bound (weight bytes per token over the triad bandwidth);
+//   batching total tokens/s of infer::Engine serving 1, 4, 16 and 32 requests at once (fp32 and
+//            INT4), the point of continuous batching: a step reads the weights once for all;
 //   decode   greedy tokens/s after a 16-token prompt: tessera's infer::generate path
 //            (forward_cached, KV cache) vs decode_torch.cpp (the Hugging Face Llama forward in
 //            LibTorch ops with a KV cache), same weights (LibTorch borrows tessera's buffers);
@@ -26,10 +31,13 @@
 #include <vector>
 
 #include "decode_torch.hpp"
+#include "tessera/infer/batching.hpp"
 #include "tessera/infer/generate.hpp"
+#include "tessera/infer/quantized_weights.hpp"
 #include "tessera/io/gguf.hpp"
 #include "tessera/io/gguf_llama.hpp"
 #include "tessera/models/llama.hpp"
+#include "tessera/quant/model_quant.hpp"
 
 namespace ts = tessera;
 namespace fs = std::filesystem;
@@ -75,6 +83,62 @@ double stream_gbs() {
   }
   if (a[n / 2] != 2.0f) std::abort();
   return best;
+}
+
+namespace q = tessera::quant;
+
+// Greedy decoding through `weights` after `prompt`; seconds per token after the first (which
+// includes the prompt) and the tokens.
+template <class Weights>
+double decode_seconds(Model& model, const Weights& weights, const std::vector<int32_t>& prompt,
+                      int new_tokens, std::vector<int32_t>& out) {
+  auto cache = ts::infer::make_cache(model);
+  out.clear();
+  ts::Tensor<float> logits = ts::infer::forward_cached(model, prompt, cache, weights);
+  double first = 0;
+  for (int i = 0; i < new_tokens; ++i) {
+    const float* l = logits.data();
+    const int32_t next = static_cast<int32_t>(std::max_element(l, l + logits.numel()) - l);
+    out.push_back(next);
+    if (i == 0) first = now();
+    if (i + 1 < new_tokens) logits = ts::infer::forward_cached(model, std::span(&next, 1), cache, weights);
+  }
+  return (now() - first) / (new_tokens - 1);
+}
+
+struct FormatRow {
+  std::string name;
+  double bytes, seconds;  // weight bytes a decode step reads; best seconds per token
+  std::vector<int32_t> tokens;
+};
+
+// One weight format: quantise the linear weights (AWQ on `cal`), decode greedily through the
+// packed matrices, best of `rounds`.
+template <class Format>
+FormatRow format_row(const char* name, Model& model, const q::CalibrationSet& cal,
+                     const std::vector<int32_t>& prompt, int new_tokens, int rounds) {
+  const q::QuantizedLinears<Format> ql = q::quantize_linears<Format>(model, &cal);
+  const ts::infer::QuantizedWeights weights(model, ql);
+  FormatRow row{name, static_cast<double>(weights.bytes()) + 4.0 * Model::Resolved::d_model, 1e30, {}};
+  for (int r = 0; r < rounds; ++r)
+    row.seconds = std::min(row.seconds, decode_seconds(model, weights, prompt, new_tokens, row.tokens));
+  return row;
+}
+
+// Continuous batching: `n` requests of 16-token prompts (different text each) and `new_tokens`
+// greedy tokens, all submitted at once to one Engine; total new tokens per second.
+template <class Engine>
+double batch_tokens_per_second(Engine& engine, const std::vector<int32_t>& text, int n,
+                               int new_tokens) {
+  for (int i = 0; i < n; ++i) {
+    ts::infer::Request r;
+    r.prompt.assign(text.begin() + 16 * i, text.begin() + 16 * (i + 1));
+    r.max_new_tokens = new_tokens;
+    engine.submit(std::move(r));
+  }
+  const double t0 = now();
+  engine.run_until_idle();
+  return static_cast<double>(n) * new_tokens / (now() - t0);
 }
 
 }  // namespace
@@ -178,5 +242,50 @@ int main(int argc, char** argv) {
               prefill / t_pre, prefill / p_pre, p_pre / t_pre);
   std::printf("ratio = LibTorch time / tessera time (above 1: tessera is faster); greedy tokens %s\n",
               t_tokens == p_tokens ? "identical" : "differ");
+
+  // ---- weight formats: decode at batch 1 through the quantised products -------------------
+  // Int4RTN<32> of the shipped Q4_1 weights gives them back bit for bit (tests/infer checks all
+  // 106M): that row is "Q4_1 as shipped" for the blocks; the head (token_embd, Q8_0 in the file)
+  // is re-quantised to the same INT4 format.
+  // AWQ's scales are searched on 2 windows of other text (32 rows per matrix: speed does not
+  // depend on their quality; benchmarks/quant_quality measures that).
+  const std::vector<int32_t> ids(all.begin(), all.end());
+  const std::vector<int32_t> cal_text(ids.end() - 257, ids.end());
+  ts::Tensor<int32_t> cal_tokens(ts::Shape{2, 128});
+  std::copy(cal_text.begin(), cal_text.begin() + 256, cal_tokens.data());
+  const q::CalibrationSet cal = q::collect_calibration(*model, cal_tokens, 32);
+  std::vector<FormatRow> rows;
+  rows.push_back({"fp32 (ops::linear)", weight_bytes, t_dec, t_tokens});
+  rows.push_back(format_row<q::BF16Weights>("bf16", *model, cal, short_prompt, new_tokens, rounds));
+  rows.push_back(format_row<q::FP8Weights>("fp8 e4m3 (per channel)", *model, cal, short_prompt, new_tokens, rounds));
+  rows.push_back(format_row<q::Int4RTN<32>>("int4 g32 (Q4_1 as shipped)", *model, cal, short_prompt, new_tokens, rounds));
+  rows.push_back(format_row<q::Int4AWQ<64>>("int4 AWQ g64", *model, cal, short_prompt, new_tokens, rounds));
+  std::printf("\nweight formats, decode at batch 1 (%d thread(s)):\n", threads);
+  std::printf("%-28s %10s %12s %12s %10s %14s\n", "format", "MB/token", "tokens/s", "bound tok/s",
+              "of bound", "vs fp32 tokens");
+  for (const FormatRow& r : rows) {
+    size_t same = 0;
+    while (same < r.tokens.size() && same < t_tokens.size() && r.tokens[same] == t_tokens[same]) ++same;
+    const double b = bw * 1e9 / r.bytes;
+    std::printf("%-28s %10.1f %12.2f %12.1f %9.0f%% %9zu of %zu\n", r.name.c_str(), r.bytes / 1e6,
+                1.0 / r.seconds, b, 100.0 / r.seconds / b, same, t_tokens.size());
+  }
+
+  // ---- continuous batching: total tokens/s for 1, 4, 16 and 32 concurrent requests --------
+  const int batch_new = 32;
+  std::printf("\ncontinuous batching (infer::Engine, %d new tokens per request, 16-token prompts):\n",
+              batch_new);
+  std::printf("%-12s %16s %16s\n", "requests", "fp32 tokens/s", "int4 g32 tokens/s");
+  const q::QuantizedLinears<q::Int4RTN<32>> q4 = q::quantize_linears<q::Int4RTN<32>>(*model, &cal);
+  const ts::infer::QuantizedWeights q4w(*model, q4);
+  for (int n : {1, 4, 16, 32}) {
+    if (static_cast<int>(ids.size()) < 16 * n) break;
+    auto pool = ts::infer::make_pool(*model, n * (16 + batch_new) + 64);
+    ts::infer::Engine dense(*model, pool, {.max_step_tokens = 512});
+    const double d = batch_tokens_per_second(dense, ids, n, batch_new);
+    ts::infer::Engine packed(*model, pool, q4w, {.max_step_tokens = 512});
+    const double p = batch_tokens_per_second(packed, ids, n, batch_new);
+    std::printf("%-12d %16.1f %16.1f\n", n, d, p);
+  }
   return 0;
 }

@@ -36,6 +36,8 @@
 #include <tessera/train/token_data.hpp>
 #include <tessera/train/trainer.hpp>
 
+#include "r1_config.hpp"
+
 #include <omp.h>
 #include <unistd.h>
 
@@ -56,16 +58,10 @@ namespace tr = tessera::train;
 namespace fs = std::filesystem;
 
 // ---- the model, as types ------------------------------------------------------------------
-// vocab is a compile-time member of the config, so the BPE vocabulary is trained to exactly it.
-inline constexpr int kVocab = 4096;
-
-struct R1Small {
-  static constexpr int vocab = kVocab, d_model = 128, layers = 4;
-  static constexpr int heads = 4, kv_heads = 2, max_seq = 512, dense_layers = 1;
-  using Window = ts::VariableWindow<ts::Sizes<32, 64, ts::kFull>, ts::LearnedSelector, 32>;
-  using Ffn = ts::MoE<ts::Experts<8>, ts::TopK<2>, ts::GroupLimited<4, 2>, ts::BiasBalance,
-                      ts::SharedExperts<1>>;
-};
+// R1Small lives in r1_config.hpp (read it: eight lines), shared with the programs that read this
+// program's checkpoints (quantize_model, benchmarks/quant_quality and train_bench).
+using r1::kVocab;
+using r1::R1Small;
 // Ablation partners: one line each.
 struct R1Sliding : R1Small { using Window = ts::SlidingWindow<64>; };
 struct R1Full : R1Small { using Window = ts::CausalFull; };
@@ -310,8 +306,14 @@ Result train(const Options& o, Prepared& prep) {
   std::printf("\n3. Model: %s\n   %lld parameters; precision %s (%s)\n",
               model.metadata()["tessera.config"].c_str(), static_cast<long long>(model.parameter_count()),
               std::string(Recipe::kName).c_str(),
-              std::is_same_v<T, float> ? "float everywhere"
-                                       : "16-bit model, fp32 master weights and gradient sums in the optimizer");
+              std::is_same_v<Recipe, tr::FP8Tile>
+                  ? "float model; attention projections, FFN and experts multiply E4M3 operands "
+                    "with 1x128 / 128x128 scales, accumulating in fp32"
+              : std::is_same_v<Recipe, tr::FP8Delayed>
+                  ? "float model; attention projections, FFN and experts multiply E4M3 x and W, "
+                    "E5M2 gradients, with delayed per-tensor scales, accumulating in fp32"
+              : std::is_same_v<T, float> ? "float everywhere"
+                                         : "16-bit model, fp32 master weights and gradient sums in the optimizer");
 
   const tr::TokenDataset train_data({prep.train_shard}), val_data({prep.val_shard});
   tr::BatchLoader loader(train_data, o.seq, o.batch, ts::Seed{o.seed + 1});
@@ -416,6 +418,8 @@ Result train(const Options& o, Prepared& prep) {
               st.attention_work_fraction, 100 * st.active_parameter_fraction);
 
   if (o.samples) {
+    std::optional<ts::Fp8Scope> fp8;  // sample with the products the model was trained with
+    if constexpr (tr::Fp8Recipe<Recipe>) fp8.emplace(trainer.fp8_products(), /*record=*/false);
     std::printf("\n4. Samples (temperature 0.8, top-k 40):\n");
     ts::Philox rng(ts::Seed{o.seed + 7}, 0);
     for (const char* prompt : {"床前明月光，", "春眠不觉晓，", "And God said", "The meaning of life is"}) {
@@ -433,15 +437,18 @@ Result dispatch(const Options& o, Prepared& prep) {
     if (o.precision == "fp32") return train<R1Small, tr::FP32>(o, prep);
     if (o.precision == "bf16-mixed") return train<R1Small, tr::BF16Mixed>(o, prep);
     if (o.precision == "fp16-mixed") return train<R1Small, tr::FP16Mixed>(o, prep);
+    if (o.precision == "fp8-tile") return train<R1Small, tr::FP8Tile>(o, prep);
+    if (o.precision == "fp8-delayed") return train<R1Small, tr::FP8Delayed>(o, prep);
   } else if (o.precision == "fp32") {
     if (o.window == "sliding" && hier) return train<R1Sliding, tr::FP32>(o, prep);
     if (o.window == "full" && hier) return train<R1Full, tr::FP32>(o, prep);
     if (var && o.experts == "flat") return train<R1Flat, tr::FP32>(o, prep);
   }
-  tr::check_recipe_name(o.precision);  // names FP8 as not available
+  tr::check_recipe_name(o.precision);
   ts::fail("--window ", o.window, " --experts ", o.experts, " --precision ", o.precision,
            " is not compiled in. Compiled variants: variable + hierarchical with fp32, bf16-mixed, "
-           "fp16-mixed; with fp32 only: sliding + hierarchical, full + hierarchical, variable + flat");
+           "fp16-mixed, fp8-tile, fp8-delayed; with fp32 only: sliding + hierarchical, full + "
+           "hierarchical, variable + flat");
 }
 
 }  // namespace

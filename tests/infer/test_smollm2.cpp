@@ -39,6 +39,7 @@
 #include "tessera/io/gguf.hpp"
 #include "tessera/io/gguf_llama.hpp"
 #include "tessera/models/llama.hpp"
+#include "tessera/quant/model_quant.hpp"
 
 #ifndef TESSERA_INFER_TEST_DIR
 #define TESSERA_INFER_TEST_DIR "tests/infer"
@@ -376,6 +377,24 @@ BOOST_AUTO_TEST_CASE(chunks_equal_full_forward) {
       "light work, and the early bird catches"));
   BOOST_REQUIRE_GE(seq.size(), 20u);
   ts::test::check_cache_against_full(*r->model, seq, 1e-4);
+}
+
+// The file's Q4_1 blocks, dequantised by load_gguf, quantised again as Int4RTN<32> (group 32,
+// asymmetric, the grid from each group's min and max): every one of the 106M block weights comes
+// back bit for bit, so the "Q4_1 as shipped" rows of decode_bench and quant_quality are the file's
+// own weights.
+BOOST_AUTO_TEST_CASE(q4_1_blocks_are_their_own_int4_rtn_32) {
+  Real* r = real();
+  if (!r) return;
+  int64_t weights = 0, differ = 0;
+  r->model->visit_parameters([&](std::string_view name, auto& p) {
+    if (!ts::quant::is_linear_weight(name)) return;
+    const ts::Tensor<float> back = ts::quant::quantize<ts::quant::Int4RTN<32>>(p.value).dequantize();
+    for (int64_t i = 0; i < back.numel(); ++i) differ += back.data()[i] != p.value.data()[i];
+    weights += back.numel();
+  });
+  BOOST_TEST(weights == 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576));  // q, o; k, v; FFN
+  BOOST_TEST(differ == 0);
 }
 
 BOOST_AUTO_TEST_SUITE_END()

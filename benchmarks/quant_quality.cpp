@@ -1,0 +1,292 @@
+// quant_quality — what weight quantisation costs in quality, on real text: perplexity of
+// held-out English (King James Bible, fortunes) with the weights in FP32, BF16, FP8 (E4M3, a
+// scale per output channel), INT4 round-to-nearest and INT4 AWQ (both group 64 unless --group says otherwise; a K
+// that is not a multiple of the group is padded, quant/model_quant.hpp), for
+//   * SmolLM2-135M-Instruct (its shipped Q4_1 weights dequantised to FP32 are the reference), and
+//   * the flagship R1 model of examples/train_r1 (when a run directory is given).
+// The quantised weights are applied as their effective values (dequantised), so the table
+// measures the formats' rounding alone; the SIMD kernels that multiply by them directly are
+// checked against that same dequantised reference in tests/quant.
+//
+// Calibration (AWQ only) uses other text than the evaluation: Genesis 1-4 and the fortunes file
+// `computers`; evaluation: Matthew 5-7 and the fortunes files `wisdom` and `literature`.
+//
+//   build/release/benchmarks/quant_quality [--tokens N] [--r1-run DIR] [--no-smollm2] [--group 64]
+//                                          [--calibration-windows 8] [--calibration-rows N]
+// docs/quantization.md records the table.
+#include <tessera/data/clean/normalize.hpp>
+#include <tessera/io/gguf.hpp>
+#include <tessera/io/gguf_llama.hpp>
+#include <tessera/models/llama.hpp>
+#include <tessera/quant/model_quant.hpp>
+#include <tessera/tessera.hpp>
+#include <tessera/train/precision.hpp>
+#include <tessera/train/token_data.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "../examples/r1_config.hpp"
+#include "../tests/common/smollm2.hpp"
+
+namespace ts = tessera;
+namespace q = tessera::quant;
+namespace fs = std::filesystem;
+
+namespace {
+
+// Calibration windows per model and rows kept per matrix (0: the model's default).
+int64_t g_calibration_windows = 8, g_calibration_rows = 0;
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// `bible` output for a range, verse references dropped.
+std::string bible(const char* range) {
+  const std::string cmd = std::string("bible -l10000 '") + range + "' 2>/dev/null";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  TESSERA_CHECK(p, "quant_quality: cannot run `bible` (apt-get install bible-kjv)");
+  std::string out;
+  char buf[1 << 14];
+  while (std::fgets(buf, sizeof buf, p)) {
+    std::string line(buf);
+    // "Gen1:1: In the beginning ..." -> the text after the reference.
+    const auto colon = line.find(": ");
+    if (colon != std::string::npos && colon < 16) line = line.substr(colon + 2);
+    out += line;
+  }
+  ::pclose(p);
+  TESSERA_CHECK(!out.empty(), "quant_quality: `bible '", range, "'` printed nothing (apt-get install bible-kjv)");
+  return out;
+}
+
+// A fortunes file's records, separators and colour escapes removed, one blank line between.
+std::string fortunes(const char* name) {
+  const fs::path p = fs::path("/usr/share/games/fortunes") / name;
+  std::ifstream in(p, std::ios::binary);
+  TESSERA_CHECK(in, "quant_quality: cannot read ", p.string(), " (apt-get install fortunes)");
+  std::string line, out;
+  while (std::getline(in, line)) out += line == "%" ? std::string("\n") : line + "\n";
+  ts::data::clean::strip_ansi_escapes(out);
+  return out;
+}
+
+struct Texts {
+  std::vector<int32_t> calibration, kjv, fortunes;
+  const char* kjv_name = "KJV";
+  const char* fortunes_name = "fortunes";
+};
+
+// The reference weights of every linear product, to restore between variants.
+template <class Config>
+std::map<std::string, ts::Tensor<float>> snapshot(ts::Decoder<Config>& model) {
+  std::map<std::string, ts::Tensor<float>> s;
+  model.visit_parameters([&](std::string_view name, auto& p) {
+    if (q::is_linear_weight(name)) s.emplace(std::string(name), p.value.clone());
+  });
+  s.emplace(std::string(q::kHeadName), model.lm_head_weight().value.clone());
+  return s;
+}
+template <class Config>
+void restore(ts::Decoder<Config>& model, const std::map<std::string, ts::Tensor<float>>& s) {
+  model.visit_parameters([&](std::string_view name, auto& p) {
+    if (auto it = s.find(std::string(name)); it != s.end()) p.value = it->second.clone();
+  });
+  model.lm_head_weight().value = s.at(std::string(q::kHeadName)).clone();
+}
+
+struct Row {
+  std::string format;
+  double bits_per_weight, ppl_kjv, ppl_fortunes, seconds;
+};
+
+template <class Format, class Config>
+Row measure(const char* label, ts::Decoder<Config>& model, const q::CalibrationSet& cal,
+            const Texts& t, int64_t window, const std::map<std::string, ts::Tensor<float>>& ref) {
+  const auto t0 = std::chrono::steady_clock::now();
+  restore(model, ref);
+  int64_t elements = 0;
+  for (const auto& [name, w] : ref) elements += w.numel();
+  double bits = 32.0;
+  if constexpr (!std::is_same_v<Format, void>) {
+    const q::QuantizedLinears<Format> ql = q::quantize_linears<Format>(model, &cal);
+    bits = 8.0 * static_cast<double>(ql.bytes()) / static_cast<double>(elements);
+    q::load_effective_weights(model, ql);
+  }
+  Row r{label, bits, q::perplexity(model, t.kjv, window), q::perplexity(model, t.fortunes, window),
+        0.0};
+  r.seconds = seconds_since(t0);
+  std::printf("  %-16s %6.2f bits/weight   %s %8.3f   %s %8.3f   (%.0f s)\n", label,
+              r.bits_per_weight, t.kjv_name, r.ppl_kjv, t.fortunes_name, r.ppl_fortunes, r.seconds);
+  std::fflush(stdout);
+  return r;
+}
+
+template <class Config>
+std::vector<Row> table(ts::Decoder<Config>& model, const Texts& t, int64_t window,
+                       int64_t calibration_rows, int group) {
+  // Calibration: up to 8 windows of the calibration text through the reference model.
+  const int64_t cal_windows = std::min<int64_t>(g_calibration_windows, static_cast<int64_t>(t.calibration.size()) / window);
+  TESSERA_CHECK(cal_windows >= 1, "quant_quality: calibration text too short");
+  ts::Tensor<int32_t> cal_tokens(ts::Shape{cal_windows, window});
+  std::copy(t.calibration.begin(), t.calibration.begin() + cal_windows * window, cal_tokens.data());
+  const q::CalibrationSet cal = q::collect_calibration(model, cal_tokens, calibration_rows);
+  const auto ref = snapshot(model);
+  std::vector<Row> rows;
+  rows.push_back(measure<void>("fp32 (reference)", model, cal, t, window, ref));
+  rows.push_back(measure<q::BF16Weights>("bf16", model, cal, t, window, ref));
+  rows.push_back(measure<q::FP8Weights>("fp8-e4m3", model, cal, t, window, ref));
+  if (group == 128) {
+    rows.push_back(measure<q::Int4RTN<128>>("int4-rtn-g128", model, cal, t, window, ref));
+    rows.push_back(measure<q::Int4AWQ<128>>("int4-awq-g128", model, cal, t, window, ref));
+  } else if (group == 32) {
+    rows.push_back(measure<q::Int4RTN<32>>("int4-rtn-g32", model, cal, t, window, ref));
+    rows.push_back(measure<q::Int4AWQ<32>>("int4-awq-g32", model, cal, t, window, ref));
+  } else {
+    rows.push_back(measure<q::Int4RTN<64>>("int4-rtn-g64", model, cal, t, window, ref));
+    rows.push_back(measure<q::Int4AWQ<64>>("int4-awq-g64", model, cal, t, window, ref));
+  }
+  restore(model, ref);
+  const double rtn = rows[3].ppl_kjv + rows[3].ppl_fortunes, awq = rows[4].ppl_kjv + rows[4].ppl_fortunes;
+  const double base = rows[0].ppl_kjv + rows[0].ppl_fortunes;
+  std::printf("  AWQ vs RTN: perplexity increase over fp32 (sum of both texts) %.3f vs %.3f: AWQ "
+              "removes %.0f%% of RTN's loss\n",
+              awq - base, rtn - base, rtn > base ? 100.0 * (rtn - awq) / (rtn - base) : 0.0);
+  return rows;
+}
+
+std::vector<int32_t> first(const std::vector<int32_t>& v, size_t n) {
+  return {v.begin(), v.begin() + static_cast<std::ptrdiff_t>(std::min(n, v.size()))};
+}
+
+template <class Tok>
+std::vector<int32_t> encode(const Tok& tok, const std::string& text) {
+  std::vector<int32_t> out;
+  for (auto id : tok.encode(text)) out.push_back(static_cast<int32_t>(id));
+  return out;
+}
+
+void smollm2(size_t tokens, int group) {
+  const fs::path path = ts::test::smollm2_gguf();
+  if (path.empty()) return;
+  std::printf("\nSmolLM2-135M-Instruct (%s), weights dequantised from Q4_1 to fp32 = reference\n",
+              path.filename().string().c_str());
+  const ts::io::GgufFile file = ts::io::GgufFile::open(path);
+  const auto tok = ts::io::read_gguf_tokenizer(file);
+  auto model = std::make_unique<ts::Decoder<ts::models::SmolLM2_135M>>(ts::Seed{1});
+  ts::models::load_gguf(*model, file);
+  Texts t;
+  t.calibration = encode(tok.tokenizer, bible("Gen1:1-Gen4:26") + fortunes("computers"));
+  t.kjv = first(encode(tok.tokenizer, bible("Matt5:1-Matt7:29")), tokens);
+  t.fortunes = first(encode(tok.tokenizer, fortunes("wisdom") + fortunes("literature")), tokens);
+  std::printf("  evaluation: %zu KJV tokens (Matthew 5-7), %zu fortunes tokens; windows of 256\n",
+              t.kjv.size(), t.fortunes.size());
+  // 128 calibration rows per matrix: AWQ's search costs rows x weights x 20 multiply-adds.
+  table(*model, t, 256, g_calibration_rows > 0 ? g_calibration_rows : 128, group);
+}
+
+// The flagship model from a train_r1 run directory: newest checkpoint, its tokenizer shards.
+void flagship(const fs::path& run, int group) {
+  using namespace r1;
+  std::printf("\nFlagship R1 model (examples/train_r1), run directory %s\n", run.string().c_str());
+  fs::path newest;
+  long best = -1;
+  for (const auto& e : fs::directory_iterator(run / "checkpoints")) {
+    const std::string n = e.path().filename().string();
+    if (n.rfind("step-", 0) != 0) continue;
+    const long step = std::atol(n.c_str() + 5);
+    if (step > best) best = step, newest = e.path();
+  }
+  TESSERA_CHECK(best >= 0, "quant_quality: no checkpoint under ", (run / "checkpoints").string());
+  // train_r1 trains in bf16-mixed by default: its file holds bf16 weights. Quantisation starts
+  // from their fp32 values (exact: every bf16 is a float).
+  auto fp32 = std::make_unique<ts::Decoder<R1Small>>(ts::Seed{1});
+  {
+    auto bf = std::make_unique<ts::Decoder<ts::train::WithRecipe<R1Small, ts::train::BF16Mixed>>>(ts::Seed{1});
+    bool loaded_bf16 = true;
+    try {
+      ts::load(*bf, newest / "model.safetensors");
+    } catch (const ts::Error&) {
+      loaded_bf16 = false;
+    }
+    if (loaded_bf16) {
+      std::map<std::string, ts::Tensor<float>> w;
+      bf->visit_weights([&](std::string_view name, auto& x) {
+        ts::Tensor<float> f(x.shape());
+        for (int64_t i = 0; i < x.numel(); ++i) f.data()[i] = ts::to_float(x.data()[i]);
+        w.emplace(std::string(name), std::move(f));
+      });
+      fp32->visit_weights([&](std::string_view name, auto& x) { x = w.at(std::string(name)).clone(); });
+    } else {
+      ts::load(*fp32, newest / "model.safetensors");
+    }
+  }
+  const ts::train::TokenShard train = ts::train::TokenShard::open(run / "train.tok");
+  const ts::train::TokenShard val = ts::train::TokenShard::open(run / "val.tok");
+  Texts t;
+  // Calibration: 8 windows spread evenly over the training shard, which lists its sources one
+  // after another (Chinese poems first, the Bible last): a calibration set from one source
+  // tunes AWQ's scales to that source's activations only.
+  const uint64_t cal_windows = static_cast<uint64_t>(g_calibration_windows);
+  for (uint64_t w = 0; w < cal_windows; ++w) {
+    const uint64_t at = w * (train.size() - 129) / cal_windows;
+    for (uint64_t i = at; i < at + 128; ++i) t.calibration.push_back(static_cast<int32_t>(train[i]));
+  }
+  // The validation split is one shard mixing all sources (Chinese and English): its two halves
+  // are two held-out samples.
+  const uint64_t half = val.size() / 2;
+  t.kjv_name = "val[0:half]";
+  t.fortunes_name = "val[half:]";
+  for (uint64_t i = 0; i < half; ++i) t.kjv.push_back(static_cast<int32_t>(val[i]));
+  for (uint64_t i = half; i < val.size(); ++i) t.fortunes.push_back(static_cast<int32_t>(val[i]));
+  std::printf("  checkpoint %s; evaluation: two halves of the validation split (%zu + %zu tokens); windows of 128\n",
+              newest.filename().string().c_str(), t.kjv.size(), t.fortunes.size());
+  table(*fp32, t, 128, g_calibration_rows > 0 ? g_calibration_rows : 1024, group);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  size_t tokens = 4096;
+  std::string r1_run;
+  bool run_smollm2 = true;
+  int group = 64;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto val = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "quant_quality: %s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--tokens") tokens = static_cast<size_t>(std::stoul(val()));
+    else if (a == "--r1-run") r1_run = val();
+    else if (a == "--no-smollm2") run_smollm2 = false;
+    else if (a == "--group") group = std::stoi(val());
+    else if (a == "--calibration-windows") g_calibration_windows = std::stol(val());
+    else if (a == "--calibration-rows") g_calibration_rows = std::stol(val());
+    else {
+      std::fprintf(stderr, "usage: quant_quality [--tokens N] [--r1-run DIR] [--no-smollm2] [--group 32|64|128]\n"
+                   "                     [--calibration-windows 8] [--calibration-rows N]\n");
+      return 2;
+    }
+  }
+  try {
+    if (run_smollm2) smollm2(tokens, group);
+    if (!r1_run.empty()) flagship(r1_run, group);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "quant_quality: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
