@@ -20,7 +20,6 @@
 #include <tessera/models/llama.hpp>
 #include <tessera/quant/model_quant.hpp>
 #include <tessera/tessera.hpp>
-#include <tessera/train/precision.hpp>
 #include <tessera/train/token_data.hpp>
 
 #include <algorithm>
@@ -198,38 +197,10 @@ void smollm2(size_t tokens, int group) {
 void flagship(const fs::path& run, int group) {
   using namespace r1;
   std::printf("\nFlagship R1 model (examples/train_r1), run directory %s\n", run.string().c_str());
-  fs::path newest;
-  long best = -1;
-  for (const auto& e : fs::directory_iterator(run / "checkpoints")) {
-    const std::string n = e.path().filename().string();
-    if (n.rfind("step-", 0) != 0) continue;
-    const long step = std::atol(n.c_str() + 5);
-    if (step > best) best = step, newest = e.path();
-  }
-  TESSERA_CHECK(best >= 0, "quant_quality: no checkpoint under ", (run / "checkpoints").string());
-  // train_r1 trains in bf16-mixed by default: its file holds bf16 weights. Quantisation starts
-  // from their fp32 values (exact: every bf16 is a float).
+  const fs::path newest = r1::newest_checkpoint(run);
+  TESSERA_CHECK(!newest.empty(), "quant_quality: no checkpoint under ", (run / "checkpoints").string());
   auto fp32 = std::make_unique<ts::Decoder<R1Small>>(ts::Seed{1});
-  {
-    auto bf = std::make_unique<ts::Decoder<ts::train::WithRecipe<R1Small, ts::train::BF16Mixed>>>(ts::Seed{1});
-    bool loaded_bf16 = true;
-    try {
-      ts::load(*bf, newest / "model.safetensors");
-    } catch (const ts::Error&) {
-      loaded_bf16 = false;
-    }
-    if (loaded_bf16) {
-      std::map<std::string, ts::Tensor<float>> w;
-      bf->visit_weights([&](std::string_view name, auto& x) {
-        ts::Tensor<float> f(x.shape());
-        for (int64_t i = 0; i < x.numel(); ++i) f.data()[i] = ts::to_float(x.data()[i]);
-        w.emplace(std::string(name), std::move(f));
-      });
-      fp32->visit_weights([&](std::string_view name, auto& x) { x = w.at(std::string(name)).clone(); });
-    } else {
-      ts::load(*fp32, newest / "model.safetensors");
-    }
-  }
+  r1::load_checkpoint(*fp32, newest);
   const ts::train::TokenShard train = ts::train::TokenShard::open(run / "train.tok");
   const ts::train::TokenShard val = ts::train::TokenShard::open(run / "val.tok");
   Texts t;
@@ -249,7 +220,7 @@ void flagship(const fs::path& run, int group) {
   for (uint64_t i = 0; i < half; ++i) t.kjv.push_back(static_cast<int32_t>(val[i]));
   for (uint64_t i = half; i < val.size(); ++i) t.fortunes.push_back(static_cast<int32_t>(val[i]));
   std::printf("  checkpoint %s; evaluation: two halves of the validation split (%zu + %zu tokens); windows of 128\n",
-              newest.filename().string().c_str(), t.kjv.size(), t.fortunes.size());
+              newest.parent_path().filename().string().c_str(), t.kjv.size(), t.fortunes.size());
   table(*fp32, t, 128, g_calibration_rows > 0 ? g_calibration_rows : 1024, group);
 }
 

@@ -27,7 +27,6 @@
 #include <tessera/models/llama.hpp>
 #include <tessera/quant/model_quant.hpp>
 #include <tessera/tessera.hpp>
-#include <tessera/train/precision.hpp>
 
 #include <chrono>
 #include <cstdio>
@@ -156,22 +155,9 @@ void run_r1(const Options& o) {
   using r1::R1Small;
   if (o.checkpoint.empty() || o.tokenizer.empty()) usage("--model r1 needs --checkpoint and --tokenizer");
   auto model = std::make_unique<ts::Decoder<R1Small>>(ts::Seed{1});
-  // train_r1's default recipe stores bf16 weights; an fp32 run stores float. Try both.
-  try {
-    ts::load(*model, o.checkpoint);
-    std::printf("1. read %s (fp32)\n", o.checkpoint.c_str());
-  } catch (const ts::Error&) {
-    auto bf = std::make_unique<ts::Decoder<ts::train::WithRecipe<R1Small, ts::train::BF16Mixed>>>(ts::Seed{1});
-    ts::load(*bf, o.checkpoint);
-    std::map<std::string, ts::Tensor<float>> w;
-    bf->visit_weights([&](std::string_view name, auto& x) {
-      ts::Tensor<float> f(x.shape());
-      for (int64_t i = 0; i < x.numel(); ++i) f.data()[i] = ts::to_float(x.data()[i]);
-      w.emplace(std::string(name), std::move(f));
-    });
-    model->visit_weights([&](std::string_view name, auto& x) { x = w.at(std::string(name)).clone(); });
-    std::printf("1. read %s (bf16, widened to fp32)\n", o.checkpoint.c_str());
-  }
+  const std::string held = r1::load_checkpoint(*model, o.checkpoint);
+  std::printf("1. read %s (%s)\n", o.checkpoint.c_str(),
+              held == "fp32" ? "fp32" : "bf16, widened to fp32");
   const auto tok = ts::data::BpeTokenizer::from_file(o.tokenizer);
   std::string text;
   for (const auto& c : o.calibration) text += read_file(c);

@@ -8,4 +8,5 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cmake --preset release -DTESSERA_BUILD_BENCHMARKS=ON
 cmake --build --preset release
+cmake --build --preset release --target quantize_model
 ls build/release/benchmarks | grep -v -e '\.' -e CMakeFiles -e Makefile || true
