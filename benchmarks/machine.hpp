@@ -7,10 +7,13 @@
 // fresh mmap whose first-touch page faults land inside the timed calls.
 #pragma once
 
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <string>
+#include <vector>
 
 #if defined(__linux__)
 #include <unistd.h>
@@ -74,6 +77,23 @@ inline std::string shell_quote(const std::string& s) {
   std::string q = "'";
   for (char ch : s) q += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
   return q + "'";
+}
+
+// The STREAM triad a = b + s·c over three arrays of `bytes_per_array` (two read, one written),
+// OpenMP-parallel, best of `passes`, in GB/s: the bandwidth a memory-bound kernel is compared with.
+inline double triad_gbs(std::size_t bytes_per_array, int passes) {
+  const std::size_t n = bytes_per_array / sizeof(float);
+  std::vector<float> a(n), b(n, 1.0f), c(n, 2.0f);
+  double best = 0;
+  for (int p = 0; p < passes; ++p) {
+    const auto t0 = std::chrono::steady_clock::now();
+#pragma omp parallel for schedule(static)
+    for (std::size_t i = 0; i < n; ++i) a[i] = b[i] + 0.5f * c[i];
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, 3.0 * static_cast<double>(n * sizeof(float)) / s / 1e9);
+  }
+  if (a[n / 2] != 2.0f) std::abort();  // the loop ran (and is not optimised away)
+  return best;
 }
 
 }  // namespace bench

@@ -153,21 +153,6 @@ Bandwidth read_bandwidth(std::size_t bytes, int passes, int threads) {
   return best;
 }
 
-// Triad a = b + s·c (two streams read, one written), for comparison with STREAM figures.
-double triad_bandwidth(std::size_t bytes_per_array, int passes) {
-  const std::size_t n = bytes_per_array / 8;
-  std::vector<double> a(n), b(n, 1.0), c(n, 2.0);
-  double best = 0;
-  for (int p = 0; p < passes; ++p) {
-    const auto t0 = std::chrono::steady_clock::now();
-#pragma omp parallel for schedule(static)
-    for (std::size_t i = 0; i < n; ++i) a[i] = b[i] + 3.0 * c[i];
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, 3.0 * static_cast<double>(bytes_per_array) / s / 1e9);
-  }
-  return best + 0.0 * a[n / 2];
-}
-
 struct Shape2 {
   const char* name;
   std::int64_t n, k;
@@ -276,7 +261,7 @@ int main(int argc, char** argv) {
               last_level_cache_bytes() >> 20);
   const std::size_t big = std::max<std::size_t>(std::size_t{1} << 30, 4 * last_level_cache_bytes());
   const Bandwidth bw = read_bandwidth(big, 3, opt.threads);
-  const double triad = triad_bandwidth(big / 3, 3);
+  const double triad = bench::triad_gbs(big / 3, 3);
   std::printf("read bandwidth %.1f GB/s by wall time, %.1f GB/s by CPU time per thread (fastest "
               "64 MiB slice of a %zu MiB sum, 3 passes); triad %.1f GB/s (best of 3 passes)\n",
               bw.wall_gbs, bw.cpu_gbs, big >> 20, triad);
