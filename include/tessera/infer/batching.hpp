@@ -20,14 +20,23 @@
 //      each a chunk of at most what is left (a long prompt is prefilled over several steps,
 //      so decoding requests are never stalled behind it);
 //   3. while budget is left, waiting requests are admitted in arrival order and prefill a chunk.
-// A request is admitted when the pool has free blocks for its whole life (prompt +
-// max_new_tokens - 1 positions) and fewer than max_running requests run (max_running <=
-// max_step_tokens, so step 1 always fits). Reserving the whole life up front means a running
-// request never runs out of blocks and nothing is ever preempted; the price is blocks held for
-// tokens a request may not generate (it frees them when it stops early). Admission is strictly
-// first come, first served: a request that does not fit now waits and holds back later
-// arrivals. One that can never fit (more blocks than the pool has, or longer than max_seq) is
-// refused by submit() with an error.
+// Memory (no preemption): each request has a peak, the most blocks its cache ever holds
+// (kv_cache.hpp's peak_blocks over its life of prompt + max_new_tokens - 1 positions, prefilled
+// in chunks of at most max_step_tokens). With a CausalFull layer that is its whole life; with
+// windows only, forward_batch gives back after each step the blocks no layer reads any more, so
+// the peak is about the window plus one step's chunk, whatever the length. The engine promises
+// each running request its peak: the blocks it holds plus those it may still draw (owed). A
+// request is admitted when its peak fits in the pool's free blocks minus everything owed to the
+// running requests, and fewer than max_running requests run (max_running <= max_step_tokens, so
+// step 1 always fits); at admission its cache reserves its first min(peak, whole life) blocks.
+// So the free blocks always cover what the running requests are owed, a running request never
+// runs out of blocks and nothing is ever preempted. The price: blocks held or owed for tokens a
+// request may not generate (it frees them when it stops early). The rule counts the blocks that
+// other caches hold at admission, but not ones they draw from the shared pool while requests run:
+// share a pool with caches outside the engine only between runs. Admission is strictly first
+// come, first served: a request that does not fit now waits and holds back later arrivals. One
+// that can never fit (a peak above the whole pool, or longer than max_seq) is refused by submit()
+// with an error.
 // After the forward, each request whose logits were computed (a decode token, or the chunk
 // that ends its prompt) samples its next token with its own Sampler, streams it to its
 // on_token, and finishes on a stop token, max_new_tokens, on_token returning false, or
@@ -164,11 +173,12 @@ class Engine {
                     " is outside the vocabulary [0, ", R::vocab, ")");
     const int64_t need = blocks_needed(request);
     TESSERA_CHECK(need <= pool_->max_blocks(), "Engine::submit: the request needs ", need,
-                  " blocks of ", pool_->block_tokens(), " positions (", p, " prompt + ",
+                  " blocks of ", pool_->block_tokens(), " positions at once (", p, " prompt + ",
                   request.max_new_tokens, " new tokens), but the pool has only ",
                   pool_->max_blocks(), ": it can never fit; make a larger pool");
     const auto id = static_cast<int64_t>(slots_.size());
     auto slot = std::make_unique<Slot>(std::move(request));
+    slot->peak = need;
     slot->info.submitted_step = step_;
     slot->history = slot->request.prompt;
     if (slot->request.max_new_tokens == 0) {
@@ -224,7 +234,7 @@ class Engine {
     }
     while (budget > 0 && !waiting_.empty() &&
            static_cast<int64_t>(running_.size()) < options_.max_running &&
-           blocks_needed(slot(waiting_.front()).request) <= pool_->blocks_free()) {
+           slot(waiting_.front()).peak <= pool_->blocks_free() - owed()) {
       const int64_t id = waiting_.front();
       waiting_.erase(waiting_.begin());
       admit(id);
@@ -261,7 +271,7 @@ class Engine {
     while (!idle()) {
       const StepStats st = step();
       TESSERA_CHECK(st.sequences > 0 || !running_.empty(), "Engine::run_until_idle: request ",
-                    waiting_.front(), " needs ", blocks_needed(slot(waiting_.front()).request),
+                    waiting_.front(), " needs ", slot(waiting_.front()).peak,
                     " blocks but the pool has ", pool_->blocks_free(),
                     " free and the engine holds none: other caches hold the pool's blocks");
     }
@@ -285,6 +295,7 @@ class Engine {
     std::vector<int32_t> history;  // prompt + output: the repetition penalty's memory
     KvCache<T> cache;              // from admission to finish
     int32_t pending = 0;           // the sampled token the next decode step feeds
+    int64_t peak = 0;              // blocks promised while it runs (blocks_needed)
   };
 
   Slot& slot(int64_t id) {
@@ -293,15 +304,35 @@ class Engine {
   }
   const Slot& slot(int64_t id) const { return const_cast<Engine*>(this)->slot(id); }
 
-  // Blocks for every position a request ever feeds: its prompt and all but its last new token.
+  // Positions a request ever feeds: its prompt and all but its last new token.
+  static int64_t life(const Request& r) {
+    return static_cast<int64_t>(r.prompt.size()) + r.max_new_tokens - 1;
+  }
+  // The most blocks its cache holds at once (see the file header); its whole life with a
+  // CausalFull layer.
   int64_t blocks_needed(const Request& r) const {
-    return pool_->blocks_for(static_cast<int64_t>(r.prompt.size()) + r.max_new_tokens - 1);
+    // (max_new_tokens = 0 feeds one position less than the prompt; it finishes at submit.)
+    return peak_blocks(model_, pool_->block_tokens(),
+                       std::min(static_cast<int64_t>(r.prompt.size()), life(r)), life(r),
+                       options_.max_step_tokens);
+  }
+  // Blocks promised to running requests that they do not hold yet.
+  int64_t owed() const {
+    int64_t n = 0;
+    for (int64_t id : running_) {
+      const Slot& s = slot(id);
+      const int64_t held = s.cache.blocks_held();
+      TESSERA_CHECK(held <= s.peak, "Engine: request ", id, " holds ", held,
+                    " blocks, more than the peak of ", s.peak, " it was admitted with");
+      n += s.peak - held;
+    }
+    return n;
   }
 
   void admit(int64_t id) {
     Slot& s = slot(id);
     s.cache = make_cache(model_, pool_);
-    s.cache.reserve(static_cast<int64_t>(s.request.prompt.size()) + s.request.max_new_tokens - 1);
+    s.cache.reserve(std::min(life(s.request), s.peak * pool_->block_tokens()));
     s.info.state = RequestState::kPrefill;
     s.info.admitted_step = step_;
     running_.push_back(id);

@@ -26,8 +26,11 @@
 // Every weight product goes through a Weights object (`linear(layer, WeightId, x)`):
 // DenseWeights multiplies by the model's own fp32 parameters; a quantised implementation plugs
 // in there without touching the rest (docs/inference.md). The dense SwiGLU FFN is therefore
-// computed here from its three products (swiglu_ffn). MoE blocks run their own layer on the
-// stacked rows (their expert products are not routed through Weights yet).
+// computed here from its three products (swiglu_ffn). MoE blocks run their own layer (routing,
+// dispatch, weighted sum) on the stacked rows; a Weights with expert_ffn (ExpertWeights) does
+// the experts' products, otherwise the layer's own parameters do. Products that read one input
+// (q/k/v, gate/up) are asked for together (`linears`), which a Weights may answer with one
+// call (GroupedLinearWeights).
 //
 // Batch invariance: a row's result does not depend on the other rows' values, but ops::linear
 // picks its back end and blocking from the number of rows (a plain loop below 16^3
@@ -38,15 +41,26 @@
 //
 // Memory is paged: a KvBlockPool hands out fixed-size blocks (block_tokens positions of every
 // layer), a KvCache is one sequence's block table into a pool, and several caches may share one
-// pool; a sequence's blocks return to the pool when its cache is cleared or destroyed. Scope
-// (see docs/inference.md): every causal window policy (CausalFull, SlidingWindow, LocalGlobal,
-// VariableWindow, per layer too), each query masked by its block's policy exactly as the full
-// forward masks it; a sliding window still keeps every position's keys (dropping the blocks
-// that fell out of every layer's window is not done). VariableWindow chooses a query block's
-// window when the block's first token arrives, from the selector input rows that end at that
-// token (nn/window.hpp's signal_rows), which the cache keeps per layer. Dense and MoE blocks; an
-// MoE layer with a capacity limit is refused at run time (which tokens it drops depends on all
-// the tokens of a forward). Float or double Scalar.
+// pool; a sequence's blocks return to the pool when its cache is cleared or destroyed.
+//
+// A window keeps only its window: after each step, forward_batch gives back the blocks that no
+// layer can read from any later query. Each policy says which keys a query at q0 or later may
+// read (nn/window.hpp's reachable_keys: its key_span at its widest window), and since a block
+// holds every layer's keys, a block goes back only when it is outside every layer's span: with
+// a CausalFull layer (or a VariableWindow whose sizes end with kFull) nothing is given back,
+// LocalGlobal keeps the blocks of its global tokens, SlidingWindow<W> the blocks of the last
+// W - 1 positions. The table keeps its position -> block mapping (a given-back entry is marked),
+// keys()/values() of a given-back position are an error, and attention reads only each query's
+// key span ([0, global_end) then [lo, pos]), so a decode step costs the window, not the length.
+// peak_blocks bounds what a sequence holds at once; infer::Engine admits requests against it.
+//
+// Scope (see docs/inference.md): every causal window policy (CausalFull, SlidingWindow,
+// LocalGlobal, VariableWindow, per layer too), each query masked by its block's policy exactly
+// as the full forward masks it. VariableWindow chooses a query block's window when the block's
+// first token arrives, from the selector input rows that end at that token (nn/window.hpp's
+// signal_rows), which the cache keeps per layer. Dense and MoE blocks; an MoE layer with a
+// capacity limit is refused at run time (which tokens it drops depends on all the tokens of a
+// forward). Float or double Scalar.
 //
 // Shapes: per block and layer, keys and values (block_tokens, kv_heads, head_dim); new tokens (n);
 // stacked rows of a step (rows, C).
@@ -103,6 +117,9 @@ class KvBlockPool {
     return static_cast<int64_t>(blocks_.size() - free_.size());
   }
   int64_t blocks_free() const { return max_blocks_ - blocks_in_use(); }
+  // The most blocks in use at once since the pool was made or reset_high_water() was called.
+  int64_t high_water() const { return high_water_; }
+  void reset_high_water() { high_water_ = blocks_in_use(); }
   // Blocks needed for `positions` positions of one sequence.
   int64_t blocks_for(int64_t positions) const {
     return (positions + block_tokens_ - 1) / block_tokens_;
@@ -114,12 +131,14 @@ class KvBlockPool {
     if (!free_.empty()) {
       const int32_t b = free_.back();
       free_.pop_back();
+      high_water_ = std::max(high_water_, blocks_in_use());
       return b;
     }
     TESSERA_CHECK(static_cast<int64_t>(blocks_.size()) < max_blocks_, "KvBlockPool: all ",
                   max_blocks_, " blocks of ", block_tokens_,
                   " tokens are in use; free a sequence's cache or make a larger pool");
     blocks_.emplace_back(static_cast<std::size_t>(block_elements()));
+    high_water_ = std::max(high_water_, blocks_in_use());
     return static_cast<int32_t>(blocks_.size() - 1);
   }
   void release(int32_t b) { free_.push_back(b); }
@@ -136,6 +155,7 @@ class KvBlockPool {
 
  private:
   int64_t layers_, kv_heads_, head_dim_, block_tokens_, max_blocks_;
+  int64_t high_water_ = 0;
   std::vector<std::vector<T>> blocks_;
   std::vector<int32_t> free_;
 };
@@ -150,7 +170,10 @@ struct WindowHistory {
 };
 
 // One sequence's cache: a block table into a (possibly shared) pool. Its blocks go back to the
-// pool when it is cleared or destroyed.
+// pool when it is cleared or destroyed, and, during decoding, as soon as no layer's window can
+// read them from a later query (forward_batch calls drop_unreachable after each step). The table
+// keeps one entry per block of positions [0, length): a block given back stays in it as
+// kFreedBlock, so position p stays in entry p / block_tokens.
 template <class T = float>
 class KvCache {
  public:
@@ -182,9 +205,12 @@ class KvCache {
   KvBlockPool<T>& pool() { return *pool_; }
   const std::vector<int32_t>& block_table() const { return table_; }
 
+  static constexpr int32_t kFreedBlock = -1;
+
   void clear() {
     if (pool_)
-      for (int32_t b : table_) pool_->release(b);
+      for (int32_t b : table_)
+        if (b != kFreedBlock) pool_->release(b);
     table_.clear();
     windows_.clear();
     length = 0;
@@ -217,16 +243,54 @@ class KvCache {
     if (windows_.empty()) windows_.resize(static_cast<std::size_t>(pool_->layers()));
     return windows_[static_cast<std::size_t>(l)];
   }
-  T* keys(int64_t l, int64_t pos) {
+  // Gives back the blocks that hold only positions in [global_end, lo): those that no later
+  // query reads, when every layer's reachable keys (nn/window.hpp's reachable_keys) lie in
+  // [0, global_end) ∪ [lo, ...). Returns how many blocks went back.
+  int64_t drop_unreachable(int64_t global_end, int64_t lo) {
     const int64_t bt = pool_->block_tokens();
-    return pool_->keys(table_[static_cast<std::size_t>(pos / bt)], l, pos % bt);
+    const int64_t from = (std::max<int64_t>(global_end, 0) + bt - 1) / bt;
+    const int64_t to = std::min<int64_t>(std::max<int64_t>(lo, 0) / bt,
+                                         static_cast<int64_t>(table_.size()));
+    int64_t dropped = 0;
+    for (int64_t b = from; b < to; ++b) {
+      int32_t& id = table_[static_cast<std::size_t>(b)];
+      if (id == kFreedBlock) continue;
+      pool_->release(id);
+      id = kFreedBlock;
+      ++dropped;
+    }
+    return dropped;
+  }
+  // Blocks this cache holds (reserved ones included, given-back ones not).
+  int64_t blocks_held() const {
+    return static_cast<int64_t>(std::count_if(table_.begin(), table_.end(),
+                                              [](int32_t b) { return b != kFreedBlock; }));
+  }
+  // Whether position pos has a block (reserved and not given back).
+  bool holds(int64_t pos) const {
+    const int64_t bt = pool_->block_tokens();
+    return pos >= 0 && pos / bt < static_cast<int64_t>(table_.size()) &&
+           table_[static_cast<std::size_t>(pos / bt)] != kFreedBlock;
+  }
+  T* keys(int64_t l, int64_t pos) {
+    return pool_->keys(block_of(pos), l, pos % pool_->block_tokens());
   }
   T* values(int64_t l, int64_t pos) {
-    const int64_t bt = pool_->block_tokens();
-    return pool_->values(table_[static_cast<std::size_t>(pos / bt)], l, pos % bt);
+    return pool_->values(block_of(pos), l, pos % pool_->block_tokens());
   }
 
  private:
+  int32_t block_of(int64_t pos) const {
+    const int64_t bt = pool_->block_tokens();
+    TESSERA_CHECK(pos >= 0 && pos / bt < static_cast<int64_t>(table_.size()), "KvCache: position ",
+                  pos, " has no block (", table_.size(), " blocks of ", bt, " reserved)");
+    const int32_t b = table_[static_cast<std::size_t>(pos / bt)];
+    TESSERA_CHECK(b != kFreedBlock, "KvCache: position ", pos,
+                  " was given back to the pool: no layer's window reads it from a query at "
+                  "position ", length, " or later (kv_cache.hpp, drop_unreachable)");
+    return b;
+  }
+
   std::shared_ptr<KvBlockPool<T>> pool_;
   std::vector<int32_t> table_;
   std::vector<WindowHistory<T>> windows_;  // (layers) once a VariableWindow layer ran
@@ -339,13 +403,59 @@ class DenseWeights {
   const Tensor<T>* head_ = nullptr;
 };
 
+// Weights that multiply several matrices reading the same input in one call. Why: a decode step
+// is ~7 products per layer, most of them small (SmolLM2's k and v are 576 x 192), and each
+// product is a parallel region and a pass over x of its own; the fused call is one of each for
+// q/k/v and one for gate/up. `linear_group` returns one (rows, out_i) tensor per id, each equal
+// to what linear(layer, id, x) returns for it.
+template <class W, class T>
+concept GroupedLinearWeights =
+    LinearWeights<W, T> && requires(const W& w, int64_t layer, std::span<const WeightId> ids,
+                                    TensorView<const T, Cpu> x) {
+      { w.linear_group(layer, ids, x) } -> std::convertible_to<std::vector<Tensor<T>>>;
+    };
+
+// The products of `ids` (all reading x) for layer `layer`: through linear_group when the
+// Weights has it, else one linear() each.
+template <class T, class Weights, std::size_t N>
+  requires LinearWeights<Weights, T>
+std::array<Tensor<T>, N> linears(const Weights& weights, int64_t layer,
+                                 const std::array<WeightId, N>& ids, TensorView<const T, Cpu> x) {
+  std::array<Tensor<T>, N> out;
+  if constexpr (GroupedLinearWeights<Weights, T>) {
+    std::vector<Tensor<T>> ys = weights.linear_group(layer, std::span<const WeightId>(ids), x);
+    TESSERA_CHECK(ys.size() == N, "linears: linear_group returned ", ys.size(),
+                  " tensors for ", N, " weights");
+    for (std::size_t i = 0; i < N; ++i) out[i] = std::move(ys[i]);
+  } else {
+    for (std::size_t i = 0; i < N; ++i) out[i] = weights.linear(layer, ids[i], x);
+  }
+  return out;
+}
+
+// An expert of an MoE block: routed expert `index` or, when `shared`, shared expert `index`.
+struct ExpertId {
+  bool shared = false;
+  int index = 0;
+};
+
+// Weights that also hold an MoE block's experts: `expert_ffn` is the expert's whole SwiGLU FFN,
+// w_down(silu(w_gate x) * (w_up x)), on the rows routed to it. With it, forward_batch runs an
+// MoE layer's routing and weighted sum as nn::MoE does and the experts' products through the
+// Weights; without it, the layer runs with the model's own expert parameters.
+template <class W, class T>
+concept ExpertWeights = requires(const W& w, int64_t layer, ExpertId e,
+                                 TensorView<const T, Cpu> x) {
+  { w.expert_ffn(layer, e, x) } -> std::convertible_to<Tensor<T>>;
+};
+
 // The dense SwiGLU FFN of layer `layer` from its three products, as nn::SwiGluFfn computes it:
 // w_down (silu(w_gate x) * (w_up x)). x (rows, C) -> (rows, C).
 template <class T, class Weights>
   requires LinearWeights<Weights, T>
 Tensor<T> swiglu_ffn(const Weights& weights, int64_t layer, TensorView<const T, Cpu> x) {
-  const Tensor<T> gate = weights.linear(layer, WeightId::kFfnGate, x);  // (rows, hidden)
-  const Tensor<T> up = weights.linear(layer, WeightId::kFfnUp, x);      // (rows, hidden)
+  auto [gate, up] = linears<T>(weights, layer, std::array{WeightId::kFfnGate, WeightId::kFfnUp},
+                               x);                                      // (rows, hidden) each
   const Tensor<T> act = ops::swiglu<T>(gate, up);                       // (rows, hidden)
   return weights.linear(layer, WeightId::kFfnDown, act);                // (rows, C)
 }
@@ -377,6 +487,44 @@ constexpr int64_t fixed_window() {
   }
 }
 
+// The keys a layer with this policy may read from a query at q0 or later (nn/window.hpp); a
+// policy that does not say keeps every key.
+template <class Window>
+nn::KeySpan reachable_keys(int64_t q0, int64_t seq) {
+  if constexpr (requires { Window::reachable_keys(q0, seq); }) {
+    return Window::reachable_keys(q0, seq);
+  } else {
+    return {0, 0, seq};
+  }
+}
+
+// The same for every layer of a model together: [0, global_end) ∪ [lo, max_seq), the union of
+// the layers' spans (each a prefix and a suffix, so their union is one too). A block is given
+// back only when it is outside every layer's span: the block holds all layers' keys.
+template <class R, int... L>
+nn::KeySpan reachable_keys_all(int64_t q0, std::integer_sequence<int, L...>) {
+  nn::KeySpan u{0, R::max_seq, R::max_seq};  // nothing yet
+  const auto merge = [&](nn::KeySpan s) {
+    u.global_end = std::max(u.global_end, s.global_end);
+    u.lo = std::min(u.lo, s.lo);
+  };
+  (merge(reachable_keys<typename R::template WindowAt<L>>(q0, R::max_seq)), ...);
+  return u;
+}
+template <class R>
+nn::KeySpan model_reachable_keys(int64_t q0) {
+  return reachable_keys_all<R>(q0, std::make_integer_sequence<int, static_cast<int>(R::layers)>{});
+}
+
+// Blocks of block_tokens positions that a cache holds for positions [0, end) once
+// KvCache::drop_unreachable(span.global_end, span.lo) has run.
+inline int64_t live_blocks(nn::KeySpan span, int64_t end, int64_t block_tokens) {
+  const int64_t hi = (end + block_tokens - 1) / block_tokens;
+  const int64_t lo = std::min(std::max<int64_t>(span.lo, 0) / block_tokens, hi);
+  const int64_t prefix = (std::max<int64_t>(span.global_end, 0) + block_tokens - 1) / block_tokens;
+  return hi - lo + std::min(prefix, lo);
+}
+
 // One stacked row's attention: its query position, the window of its query block, and the
 // cache it reads (positions 0 .. pos, this step's keys included).
 template <class T>
@@ -386,6 +534,23 @@ struct RowTask {
   int64_t seq;  // the sequence's length after this step (the policies' `seq` argument)
   int64_t window;
 };
+
+// sum_d a[d] b[d] in A, as 16 interleaved partial sums added by a fixed tree: one summation
+// order whatever the caller (so a row's attention is the same bits alone or in a batch), and
+// 16 independent chains the compiler turns into vector FMAs, where one running sum would be a
+// chain of dependent scalar adds (the q.k products are most of a short sequence's attention).
+template <class A, class T>
+A dot_lanes(const T* a, const T* b, int64_t n) {
+  constexpr int kLanes = 16;
+  A part[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes)
+    for (int i = 0; i < kLanes; ++i) part[i] += static_cast<A>(a[d + i]) * static_cast<A>(b[d + i]);
+  for (int i = 0; d < n; ++d, ++i) part[i] += static_cast<A>(a[d]) * static_cast<A>(b[d]);
+  for (int width = kLanes / 2; width >= 1; width /= 2)
+    for (int i = 0; i < width; ++i) part[i] += part[i + width];
+  return part[0];
+}
 
 // Attention of every stacked row over its own sequence's cache, layer l. q (rows, H, hd) ->
 // o (rows, H, hd). Scores in float (double for T = double), softmax with the row max subtracted,
@@ -397,41 +562,71 @@ void attend(const std::vector<RowTask<T>>& rows, const T* q, int64_t l, T* o, in
   const A scale = static_cast<A>(1.0 / std::sqrt(static_cast<double>(hd)));
   const int64_t group = H / KV;
   const auto n = static_cast<int64_t>(rows.size());
-#pragma omp parallel for collapse(2) schedule(static)
+  // Each row reads only its policy's key span, [0, g) then [lo, pos]: decoding costs the
+  // window, not the sequence. The keys skipped are exactly those the mask would zero, so the
+  // sums are the ones a loop from key 0 computes. The span is checked here, outside the parallel
+  // loop (an exception must not leave an OpenMP region): it reads no block given back.
+  std::vector<std::array<int64_t, 3>> spans(static_cast<std::size_t>(n));  // g, lo, keys
   for (int64_t r = 0; r < n; ++r) {
-    for (int64_t h = 0; h < H; ++h) {
-      const RowTask<T>& task = rows[static_cast<std::size_t>(r)];
-      KvCache<T>& cache = *task.cache;
-      const int64_t keys = task.pos + 1;
-      const int64_t kvh = h / group;
-      const T* qi = q + (r * H + h) * hd;
-      std::vector<A> s(static_cast<std::size_t>(keys));
-      A mx = -std::numeric_limits<A>::infinity();
-      // The window's own mask (the query itself is always allowed, so mx is finite).
-      std::vector<char> ok(static_cast<std::size_t>(keys));
-      for (int64_t j = 0; j < keys; ++j) {
-        ok[j] = Window::allowed(task.pos, j, task.seq, task.window);
-        if (!ok[j]) continue;
-        const T* kj = cache.keys(l, j) + kvh * hd;
-        A dot = 0;
-        for (int64_t d = 0; d < hd; ++d) dot += static_cast<A>(qi[d]) * static_cast<A>(kj[d]);
-        s[j] = dot * scale;
-        mx = std::max(mx, s[j]);
+    const RowTask<T>& task = rows[static_cast<std::size_t>(r)];
+    const nn::KeySpan span = Window::key_span(task.pos, task.pos + 1, task.seq, task.window);
+    const int64_t keys = task.pos + 1;
+    const int64_t g = std::clamp<int64_t>(span.global_end, 0, keys);
+    const int64_t lo = std::clamp<int64_t>(span.lo, g, keys);
+    spans[static_cast<std::size_t>(r)] = {g, lo, keys};
+    const int64_t bt = task.cache->pool().block_tokens();
+    for (int64_t j = 0; j < keys; j = (j / bt + 1) * bt) {
+      if (j >= g && j < lo) j = lo;
+      if (j < keys)
+        TESSERA_CHECK(task.cache->holds(j), "forward_batch: the query at position ", task.pos,
+                      " reads key ", j, ", whose block was given back to the pool");
+    }
+  }
+  // Multiply-adds of the layer's attention: below ~64K a parallel region costs more than it
+  // saves (a decode step of a short sequence), and decoding runs one attend per layer.
+  int64_t work = 0;
+  for (const auto& [g, lo, keys] : spans) work += 2 * (g + keys - lo) * H * hd;
+#pragma omp parallel if (work >= (int64_t{1} << 16))
+  {
+    std::vector<A> s, acc;  // per thread: scores, output accumulator
+    std::vector<char> ok;
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t h = 0; h < H; ++h) {
+        const RowTask<T>& task = rows[static_cast<std::size_t>(r)];
+        KvCache<T>& cache = *task.cache;
+        const auto [g, lo, keys] = spans[static_cast<std::size_t>(r)];
+        const int64_t count = g + keys - lo;  // keys read: [0, g) then [lo, keys)
+        const auto key = [g = g, lo = lo](int64_t k) { return k < g ? k : lo + (k - g); };
+        const int64_t kvh = h / group;
+        const T* qi = q + (r * H + h) * hd;
+        s.assign(static_cast<std::size_t>(count), A(0));
+        A mx = -std::numeric_limits<A>::infinity();
+        // The window's own mask (the query itself is always allowed, so mx is finite).
+        ok.assign(static_cast<std::size_t>(count), 0);
+        for (int64_t k = 0; k < count; ++k) {
+          const int64_t j = key(k);
+          ok[k] = Window::allowed(task.pos, j, task.seq, task.window);
+          if (!ok[k]) continue;
+          s[k] = dot_lanes<A>(qi, cache.keys(l, j) + kvh * hd, hd) * scale;
+          mx = std::max(mx, s[k]);
+        }
+        A sum = 0;
+        for (int64_t k = 0; k < count; ++k) {
+          s[k] = ok[k] ? std::exp(s[k] - mx) : A(0);
+          sum += s[k];
+        }
+        acc.assign(static_cast<std::size_t>(hd), A(0));
+        for (int64_t k = 0; k < count; ++k) {
+          if (!ok[k]) continue;
+          const int64_t j = key(k);
+          const T* vj = cache.values(l, j) + kvh * hd;
+          const A p = s[k];
+          for (int64_t d = 0; d < hd; ++d) acc[d] += p * static_cast<A>(vj[d]);
+        }
+        T* oi = o + (r * H + h) * hd;
+        for (int64_t d = 0; d < hd; ++d) oi[d] = static_cast<T>(acc[d] / sum);
       }
-      A sum = 0;
-      for (int64_t j = 0; j < keys; ++j) {
-        s[j] = ok[j] ? std::exp(s[j] - mx) : A(0);
-        sum += s[j];
-      }
-      std::vector<A> acc(static_cast<std::size_t>(hd), A(0));
-      for (int64_t j = 0; j < keys; ++j) {
-        if (!ok[j]) continue;
-        const T* vj = cache.values(l, j) + kvh * hd;
-        const A p = s[j];
-        for (int64_t d = 0; d < hd; ++d) acc[d] += p * static_cast<A>(vj[d]);
-      }
-      T* oi = o + (r * H + h) * hd;
-      for (int64_t d = 0; d < hd; ++d) oi[d] = static_cast<T>(acc[d] / sum);
     }
   }
 }
@@ -481,6 +676,31 @@ void choose_windows(const Selector& selector, WindowHistory<T>& hist, const T* x
 }
 
 }  // namespace kv_detail
+
+// The most blocks one sequence's cache of `model` holds at once, in blocks of block_tokens
+// positions, when positions [0, prompt) are fed in chunks of at most `chunk` tokens and then one
+// token per step until `positions` positions are cached, forward_batch giving back after each
+// step the blocks that no later query reads. A step that starts at length L with n tokens holds
+// the blocks of [0, L + n) that meet the keys reachable from L; the peak is the largest of these
+// over every L (any prefill chunking, since a chunk of at most `chunk` tokens may start at any
+// L). With a CausalFull layer it is blocks_for(positions); with SlidingWindow<W> layers only,
+// about (W - 1 + chunk) / block_tokens + 1. infer::Engine admits a request against it.
+template <class Config>
+int64_t peak_blocks(const models::Decoder<Config, Cpu>&, int64_t block_tokens, int64_t prompt,
+                    int64_t positions, int64_t chunk) {
+  using R = typename models::Decoder<Config, Cpu>::Resolved;
+  TESSERA_CHECK(block_tokens >= 1 && prompt >= 0 && positions >= prompt && chunk >= 1,
+                "peak_blocks: block_tokens ", block_tokens, ", prompt ", prompt, ", positions ",
+                positions, ", chunk ", chunk, " (need block_tokens, chunk >= 1 and "
+                "0 <= prompt <= positions)");
+  int64_t peak = 0;
+  for (int64_t L = 0; L < positions; ++L) {
+    const int64_t n = L < prompt ? std::min(chunk, prompt - L) : 1;
+    peak = std::max(peak, kv_detail::live_blocks(kv_detail::model_reachable_keys<R>(L), L + n,
+                                                 block_tokens));
+  }
+  return peak;
+}
 
 // Runs every entry's new tokens (positions entry.cache.length ...) through the model in one
 // pass, appends their keys and values to each entry's cache, and returns one tensor per entry:
@@ -575,9 +795,9 @@ std::vector<Tensor<typename models::Decoder<Config, Cpu>::T>> forward_batch(
     using Window = typename Block::window_policy;
     typename nn::RMSNorm<T>::Saved ns;
     const Tensor<T> x1 = block.norm1().forward(h, ns);                 // (rows, C)
-    const Tensor<T> q0 = weights.linear(l, WeightId::kQ, x1);          // (rows, H*hd)
-    const Tensor<T> k0 = weights.linear(l, WeightId::kK, x1);          // (rows, KV*hd)
-    const Tensor<T> v0 = weights.linear(l, WeightId::kV, x1);          // (rows, KV*hd)
+    // q0 (rows, H*hd), k0 and v0 (rows, KV*hd)
+    const auto [q0, k0, v0] =
+        linears<T>(weights, l, std::array{WeightId::kQ, WeightId::kK, WeightId::kV}, x1);
     const auto& table = block.attn().rope_table();
     const Tensor<T> q = ops::rope<T>(q0.reshape({rows, H, hd}), table, positions);  // (rows, H, hd)
     const Tensor<T> k = ops::rope<T>(k0.reshape({rows, KV, hd}), table, positions);  // (rows, KV, hd)
@@ -608,13 +828,25 @@ std::vector<Tensor<typename models::Decoder<Config, Cpu>::T>> forward_batch(
     Tensor<T> f;                                                       // (rows, C)
     if constexpr (Block::kMoE) {
       typename Block::FfnLayer::Saved fs;
-      f = block.ffn().forward(x2, fs);
+      if constexpr (ExpertWeights<Weights, T>) {
+        f = block.ffn().forward(x2, fs, [&](bool shared, int e, TensorView<const T, Cpu> xe) {
+          return Tensor<T>(weights.expert_ffn(l, ExpertId{shared, e}, xe));
+        });
+      } else {
+        f = block.ffn().forward(x2, fs);
+      }
     } else {
       f = swiglu_ffn<T>(weights, l, x2);
     }
     h = ops::add<T>(h1, f);                                            // (rows, C)
   });
   for (int64_t e = 0; e < E; ++e) entries[static_cast<std::size_t>(e)].cache.length += first[e + 1] - first[e];
+  // Blocks that no layer reads from any later query go back to the pool now.
+  for (int64_t e = 0; e < E; ++e) {
+    KvCache<T>& cache = entries[static_cast<std::size_t>(e)].cache;
+    const nn::KeySpan live = kv_detail::model_reachable_keys<R>(cache.length);
+    cache.drop_unreachable(live.global_end, live.lo);
+  }
 
   // The head runs only on the rows whose logits are wanted, gathered into one product.
   std::vector<int64_t> picked;  // stacked row of each wanted logit row

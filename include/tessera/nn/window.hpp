@@ -16,6 +16,10 @@
 //                                    saves work.
 //   allowed(i, j, seq, window)       the exact mask for query i and key j, applied inside a tile
 //                                    that is partly outside the window.
+//   reachable_keys(q0, seq)          the keys that any query at q0 or later may read, whatever
+//                                    window it gets: key_span of the block [q0, seq) at the
+//                                    policy's widest window. Decoding (infer/kv_cache.hpp) gives
+//                                    back the cache blocks outside it.
 //
 // `window` is the run-time window of the query block: the policy's own W for the fixed
 // policies (they ignore the argument), the size the selector picked for VariableWindow.
@@ -75,6 +79,7 @@ struct CausalFull {
     return {0, 0, q1};
   }
   static bool allowed(int64_t i, int64_t j, int64_t /*seq*/, int64_t /*window*/) { return j <= i; }
+  static KeySpan reachable_keys(int64_t q0, int64_t seq) { return key_span(q0, seq, seq, 0); }
 };
 
 // Every query reads every key: the encoder's attention (BERT-like, ViT).
@@ -84,6 +89,7 @@ struct Bidirectional {
   static constexpr std::string_view kName = "Bidirectional";
   static KeySpan key_span(int64_t, int64_t, int64_t seq, int64_t) { return {0, 0, seq}; }
   static bool allowed(int64_t, int64_t, int64_t, int64_t) { return true; }
+  static KeySpan reachable_keys(int64_t q0, int64_t seq) { return key_span(q0, seq, seq, 0); }
 };
 
 // Each query reads the W most recent keys, itself included (Mistral-style sliding window).
@@ -100,6 +106,7 @@ struct SlidingWindow {
   static bool allowed(int64_t i, int64_t j, int64_t, int64_t) {
     return window_detail::in_causal_band(i, j, W);
   }
+  static KeySpan reachable_keys(int64_t q0, int64_t seq) { return key_span(q0, seq, seq, W); }
 };
 
 // Sliding window plus G global tokens, as Longformer: the first G tokens are read by every
@@ -135,6 +142,7 @@ struct LocalGlobal {
       return i < G || j < G || (i - j < W && j - i < W);
     }
   }
+  static KeySpan reachable_keys(int64_t q0, int64_t seq) { return key_span(q0, seq, seq, W); }
 };
 
 // The compile-time set of window sizes a VariableWindow chooses from (ascending; kFull last).
@@ -482,6 +490,10 @@ struct VariableWindow {
   }
   static bool allowed(int64_t i, int64_t j, int64_t, int64_t window) {
     return window_detail::in_causal_band(i, j, window);
+  }
+  // A later query block may pick the largest size (kFull: every key stays reachable).
+  static KeySpan reachable_keys(int64_t q0, int64_t seq) {
+    return key_span(q0, seq, seq, kSizes.back());
   }
 };
 
