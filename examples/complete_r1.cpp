@@ -28,6 +28,7 @@
 #include <iostream>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "r1_config.hpp"
@@ -111,8 +112,8 @@ void complete(Model& model, const Weights* weights, const std::vector<int32_t>& 
 template <class Format>
 void complete_quantized(Model& model, const std::vector<int32_t>& prompt,
                         const ts::data::BpeTokenizer& tok, const Options& o) {
-  const auto q = ts::quant::load_quantized<Format>(o.quantized, model);
-  const ts::infer::QuantizedWeights weights(model, q);
+  auto q = ts::quant::load_quantized<Format>(o.quantized, model);
+  const ts::infer::QuantizedWeights weights(model, std::move(q));  // takes the matrices over
   std::fprintf(stderr, "decoding through %s weights (%.2f MB per token)\n", o.format.c_str(),
                static_cast<double>(weights.bytes()) / 1e6);
   std::cout << o.prompt << std::flush;

@@ -166,6 +166,19 @@ class MoELayer {
 
   // x (..., d_model) -> y (..., d_model)
   Tensor<T> forward(TensorView<const T, Cpu> x, Saved& saved) const {
+    return forward(x, saved, [&](bool shared, int e, TensorView<const T, Cpu> xe) {
+      auto& slot = shared ? saved.shared_saved[size_t(e)] : saved.expert_saved[size_t(e)];
+      return (shared ? shared_[size_t(e)] : experts_[size_t(e)]).forward(xe, slot);
+    });
+  }
+
+  // The same with the experts' products done by `run(shared, e, xe)`: (rows_e, d_model) ->
+  // (rows_e, d_model) for routed expert e (shared = false) or shared expert e. Why: inference
+  // (infer/kv_cache.hpp) multiplies the experts by quantised matrices while the routing, the
+  // dispatch and the weighted sum stay these. The saved expert states stay empty unless `run`
+  // fills them, so backward() needs the plain forward above.
+  template <class RunExpert>
+  Tensor<T> forward(TensorView<const T, Cpu> x, Saved& saved, const RunExpert& run) const {
     TESSERA_CHECK(x.rank() >= 1 && x.dim(-1) == d_model_, "MoE::forward: tensor 'x' has shape ",
                   x.shape(), "; expected (..., ", d_model_, ")");
     const int64_t d = d_model_, k = kTopK;
@@ -190,7 +203,7 @@ class MoELayer {
         const int64_t t = saved.order[size_t(b + r)] / k;
         std::copy_n(x2.data() + t * d, d, xe.data() + r * d);
       }
-      saved.expert_out[e] = experts_[e].forward(xe, saved.expert_saved[e]);  // (rows_e, d_model)
+      saved.expert_out[e] = run(false, e, TensorView<const T, Cpu>(xe));  // (rows_e, d_model)
       const T* ye = saved.expert_out[e].data();
       for (int64_t r = 0; r < rows; ++r) {
         const int32_t a = saved.order[size_t(b + r)];
@@ -201,7 +214,7 @@ class MoELayer {
     }
     saved.shared_saved.resize(kShared);
     for (int s = 0; s < kShared; ++s) {
-      const Tensor<T> ys = shared_[s].forward(x2, saved.shared_saved[s]);  // (tokens, d_model)
+      const Tensor<T> ys = run(true, s, TensorView<const T, Cpu>(x2));  // (tokens, d_model)
       for (int64_t i = 0; i < tokens * d; ++i) acc.data()[i] += load(ys.data()[i]);
     }
     Tensor<T> y = Tensor<T>::empty(x.shape());  // (..., d_model)
