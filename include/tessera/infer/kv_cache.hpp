@@ -535,23 +535,6 @@ struct RowTask {
   int64_t window;
 };
 
-// sum_d a[d] b[d] in A, as 16 interleaved partial sums added by a fixed tree: one summation
-// order whatever the caller (so a row's attention is the same bits alone or in a batch), and
-// 16 independent chains the compiler turns into vector FMAs, where one running sum would be a
-// chain of dependent scalar adds (the q.k products are most of a short sequence's attention).
-template <class A, class T>
-A dot_lanes(const T* a, const T* b, int64_t n) {
-  constexpr int kLanes = 16;
-  A part[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes)
-    for (int i = 0; i < kLanes; ++i) part[i] += static_cast<A>(a[d + i]) * static_cast<A>(b[d + i]);
-  for (int i = 0; d < n; ++d, ++i) part[i] += static_cast<A>(a[d]) * static_cast<A>(b[d]);
-  for (int width = kLanes / 2; width >= 1; width /= 2)
-    for (int i = 0; i < width; ++i) part[i] += part[i + width];
-  return part[0];
-}
-
 // Attention of every stacked row over its own sequence's cache, layer l. q (rows, H, hd) ->
 // o (rows, H, hd). Scores in float (double for T = double), softmax with the row max subtracted,
 // one summation order per element: a row's result depends on nothing but its own cache.
@@ -608,7 +591,13 @@ void attend(const std::vector<RowTask<T>>& rows, const T* q, int64_t l, T* o, in
           const int64_t j = key(k);
           ok[k] = Window::allowed(task.pos, j, task.seq, task.window);
           if (!ok[k]) continue;
-          s[k] = dot_lanes<A>(qi, cache.keys(l, j) + kvh * hd, hd) * scale;
+          // One running sum in d order, as the full forward's attention sums a score: cached
+        // logits then track Decoder::forward's closely even where softmax is sharp (16
+        // interleaved partial sums moved SmolLM2-shaped logits 10x further from it).
+        const T* kj = cache.keys(l, j) + kvh * hd;
+        A dot = 0;
+        for (int64_t d = 0; d < hd; ++d) dot += static_cast<A>(qi[d]) * static_cast<A>(kj[d]);
+        s[k] = dot * scale;
           mx = std::max(mx, s[k]);
         }
         A sum = 0;
