@@ -29,7 +29,7 @@
 // Timing: one untimed warm-up call per side, then --repeat rounds that alternate the sides
 // (tessera, torch, tessera, ...), so a burst of outside load hits both; the table shows the
 // median and, in brackets, the minimum. Each timed call starts after --settle seconds of idle,
-// so that neither side runs while the other's thread pools still spin (see alternate). One
+// so that neither side runs while the other's thread pools still spin (bench::alternate). One
 // thread count per process (--threads, default the OpenMP default): oneDNN and OpenBLAS fix
 // their parallelisation when first used.
 //
@@ -44,39 +44,27 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <functional>
 #include <iterator>
-#include <limits>
 #include <sstream>
 #include <string>
-#include <thread>
 #include <tuple>
 #include <vector>
-#if defined(__linux__)
-#include <unistd.h>  // execv
-#endif
 
-#include "harness.hpp"
-#include "machine.hpp"
-#include "tessera/core/cpu_features.hpp"
+#include "bench_common.hpp"
 #include "tessera/core/rng.hpp"
 #include "tessera/core/tensor.hpp"
 #include "tessera/nn/attention.hpp"
-#include "torch_side.hpp"
-
-#if defined(TESSERA_HAVE_OPENBLAS)
-#include <cblas.h>
-#endif
 
 namespace {
 
 using bench::cpu_model;
 using bench::load_average;
+using bench::Stat;
 
 namespace nn = tessera::nn;
 using tessera::Seed;
@@ -95,76 +83,55 @@ struct Options {
   int64_t max_t = 16384;
   int repeat = 3;
   int threads = 0;      // 0: OpenMP's default
-  double settle = 0.3;  // seconds of idle before each timed call (see alternate)
+  double settle = 0.3;  // seconds of idle before each timed call (bench::alternate)
   bool torch = true;
   bool fresh_pages = false;
   std::string policy;  // substring filter on the policy name
   std::string text = "/usr/share/games/fortunes/computers";
 };
 
-[[noreturn]] void usage(const char* argv0, const std::string& error) {
-  if (!error.empty()) std::fprintf(stderr, "attention_bench: %s\n", error.c_str());
-  std::fprintf(
-      stderr,
-      "usage: %s [--max-t 16384] [--min-t 1024] [--repeat 3] [--threads N]\n"
-      "          [--settle 0.3] [--policy SUBSTRING] [--no-torch] [--text FILE] [--fresh-pages]\n"
-      "  --max-t, --min-t  sequence lengths: powers of two times --min-t up to --max-t\n"
-      "  --repeat          timed calls per side and row (median and minimum shown)\n"
-      "  --threads         OpenMP, LibTorch and OpenBLAS threads (default: OpenMP's)\n"
-      "  --settle          seconds of idle before each timed call (default 0.3)\n"
-      "  --policy          only the policies whose name contains SUBSTRING\n"
-      "  --no-torch        tessera only\n"
-      "  --text            the text whose bytes are embedded as the input\n"
-      "  --fresh-pages     keep glibc's allocator defaults (see the source)\n",
-      argv0);
-  std::exit(error.empty() ? 0 : 2);
-}
-
-int64_t positive(const char* argv0, const std::string& flag, const std::string& v) {
-  char* end = nullptr;
-  const long long n = std::strtoll(v.c_str(), &end, 10);
-  if (v.empty() || *end != '\0' || n < 1)
-    usage(argv0, flag + " wants a positive integer, got '" + v + "'");
-  return n;
-}
+constexpr const char* kSynopsis =
+    " [--max-t 16384] [--min-t 1024] [--repeat 3] [--threads N]\n"
+    "          [--settle 0.3] [--policy SUBSTRING] [--no-torch] [--text FILE] [--fresh-pages]\n"
+    "  --max-t, --min-t  sequence lengths: powers of two times --min-t up to --max-t\n"
+    "  --repeat          timed calls per side and row (median and minimum shown)\n"
+    "  --threads         OpenMP, LibTorch and OpenBLAS threads (default: OpenMP's)\n"
+    "  --settle          seconds of idle before each timed call (default 0.3)\n"
+    "  --policy          only the policies whose name contains SUBSTRING\n"
+    "  --no-torch        tessera only\n"
+    "  --text            the text whose bytes are embedded as the input\n"
+    "  --fresh-pages     keep glibc's allocator defaults (see the source)\n";
 
 Options parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) usage(argv[0], a + " needs a value");
-      return argv[++i];
-    };
+  bench::Args args(argc, argv, "attention_bench", kSynopsis);
+  while (args.next()) {
+    const std::string& a = args.flag();
     if (a == "--max-t") {
-      o.max_t = positive(argv[0], a, value());
+      o.max_t = args.positive();
     } else if (a == "--min-t") {
-      o.min_t = positive(argv[0], a, value());
+      o.min_t = args.positive();
     } else if (a == "--repeat") {
-      o.repeat = static_cast<int>(std::min<int64_t>(positive(argv[0], a, value()), 1000));
+      o.repeat = static_cast<int>(std::min<int64_t>(args.positive(), 1000));
     } else if (a == "--threads") {
-      o.threads = static_cast<int>(std::min<int64_t>(positive(argv[0], a, value()), 1024));
+      o.threads = static_cast<int>(std::min<int64_t>(args.positive(), 1024));
     } else if (a == "--settle") {
-      const std::string v = value();
-      char* end = nullptr;
-      o.settle = std::strtod(v.c_str(), &end);
-      if (v.empty() || *end != '\0' || !(o.settle >= 0 && o.settle <= 10))
-        usage(argv[0], "--settle wants seconds in [0, 10], got '" + v + "'");
+      o.settle = args.seconds(10);
     } else if (a == "--policy") {
-      o.policy = value();
+      o.policy = args.value();
     } else if (a == "--text") {
-      o.text = value();
+      o.text = args.value();
     } else if (a == "--no-torch") {
       o.torch = false;
     } else if (a == "--fresh-pages") {
       o.fresh_pages = true;
     } else if (a == "--help" || a == "-h") {
-      usage(argv[0], "");
+      args.usage();
     } else {
-      usage(argv[0], "unknown argument '" + a + "'");
+      args.unknown();
     }
   }
-  if (o.min_t > o.max_t) usage(argv[0], "--min-t is larger than --max-t");
+  if (o.min_t > o.max_t) args.fail("--min-t is larger than --max-t");
   return o;
 }
 
@@ -209,40 +176,6 @@ Tensor<float> embed(const std::string& text, int64_t T) {
     std::copy_n(table.data() + byte * kDModel, kDModel, x.data() + t * kDModel);
   }
   return x;
-}
-
-// ---- timing ---------------------------------------------------------------------------------
-
-struct Stat {
-  double median = NAN, min = NAN;
-};
-
-Stat stat_of(const std::vector<double>& v) {
-  if (v.empty()) return {};
-  return {bench::median(v), *std::min_element(v.begin(), v.end())};
-}
-
-// One warm-up call per side, then `repeat` rounds of (a, b); b may be empty. Every timed call
-// starts after a pause of `settle` seconds: after a product OpenBLAS's worker threads keep
-// spinning for up to 2^28 cycles (its default thread timeout, about 0.1 s here), and on 2 cores
-// they would compete with whichever call comes next.
-std::pair<Stat, Stat> alternate(const std::function<void()>& a, const std::function<void()>& b,
-                                int repeat, double settle) {
-  const auto pause = [settle] {
-    std::this_thread::sleep_for(std::chrono::duration<double>(settle));
-  };
-  a();
-  if (b) b();
-  std::vector<double> ta, tb;
-  for (int r = 0; r < repeat; ++r) {
-    pause();
-    ta.push_back(bench::seconds_of(a));
-    if (b) {
-      pause();
-      tb.push_back(bench::seconds_of(b));
-    }
-  }
-  return {stat_of(ta), stat_of(tb)};
 }
 
 // ---- one row --------------------------------------------------------------------------------
@@ -338,7 +271,7 @@ Row measure(const char* name, int64_t T, const Options& o, const std::string& te
                                      window.data(), kBatch, T, kHeads, kKvHeads, kHeadDim, false);
       torch_run = tb.run;
     }
-    std::tie(row.fwd, row.torch_fwd) = alternate(fwd, torch_run, o.repeat, o.settle);
+    std::tie(row.fwd, row.torch_fwd) = bench::alternate(fwd, torch_run, o.repeat, o.settle);
     if (torch_run) row.diff_fwd = bench::relative_difference({as_vector(saved.o)}, tb.result());
   }
   {
@@ -349,7 +282,8 @@ Row measure(const char* name, int64_t T, const Options& o, const std::string& te
                                      window.data(), kBatch, T, kHeads, kKvHeads, kHeadDim, true);
       torch_run = tb.run;
     }
-    std::tie(row.fwd_bwd, row.torch_fwd_bwd) = alternate(fwd_bwd, torch_run, o.repeat, o.settle);
+    std::tie(row.fwd_bwd, row.torch_fwd_bwd) =
+        bench::alternate(fwd_bwd, torch_run, o.repeat, o.settle);
     if (torch_run)
       row.diff_bwd = bench::relative_difference(
           {as_vector(saved.o), as_vector(grads.dq), as_vector(grads.dk), as_vector(grads.dv)},
@@ -478,16 +412,13 @@ void print_targets(const std::vector<Row>& rows, const std::vector<int64_t>& ts)
 
 int main(int argc, char** argv) {
   const Options o = parse(argc, argv);
-  if (!o.fresh_pages) bench::restart_with_warm_heap(argv, "attention_bench");
-  const bool warm_heap = !o.fresh_pages && std::getenv(bench::kWarmHeapMarker) != nullptr;
-  if (o.threads > 0) {
-    omp_set_num_threads(o.threads);
-#if defined(TESSERA_HAVE_OPENBLAS)
-    openblas_set_num_threads(o.threads);
-#endif
-  }
+  const bool warm_heap = bench::use_warm_heap(argv, "attention_bench", o.fresh_pages);
+  // Without --threads, OpenMP and OpenBLAS keep their defaults and LibTorch follows OpenMP's.
+  if (o.threads > 0)
+    bench::set_threads(o.threads);
+  else
+    torch_side::set_num_threads(omp_get_max_threads());
   const int threads = omp_get_max_threads();
-  torch_side::set_num_threads(threads);
 
   std::vector<int64_t> ts;
   for (int64_t t = o.min_t; t <= o.max_t; t *= 2) ts.push_back(t);
@@ -518,8 +449,7 @@ int main(int argc, char** argv) {
   std::printf(
       "windows : VariableWindow query blocks per size 128/512/2048/full (HeuristicSelector)\n");
   std::printf("memory  : %s; LibTorch budget %.1f GiB (half of MemAvailable)\n",
-              warm_heap ? "warm heap (freed memory is reused)" : "fresh pages (glibc defaults)",
-              budget / (1 << 30));
+              bench::heap_note(warm_heap), budget / (1 << 30));
   std::printf("ratio   : torch time / tessera time (> 1: tessera faster)\n\n");
   print_header();
 

@@ -37,20 +37,12 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <filesystem>
-#include <fstream>
 #include <functional>
-#include <sstream>
 #include <string>
-#include <thread>
+#include <tuple>
 #include <vector>
-#if defined(__linux__)
-#include <unistd.h>  // execv
-#endif
 
-#include "harness.hpp"
-#include "machine.hpp"
-#include "tessera/core/cpu_features.hpp"
+#include "bench_common.hpp"
 #include "tessera/core/rng.hpp"
 #include "tessera/core/tensor.hpp"
 #include "tessera/nn/moe.hpp"
@@ -58,17 +50,11 @@
 #include "tessera/nn/transformer_block.hpp"
 #include "tessera/ops/elementwise.hpp"
 #include "tessera/ops/matmul.hpp"
-#include "torch_side.hpp"
-
-#if defined(TESSERA_HAVE_OPENBLAS)
-#include <cblas.h>
-#endif
 
 namespace {
 
-using bench::cpu_model;
 using bench::load_average;
-using bench::shell_quote;
+using bench::Stat;
 
 namespace nn = tessera::nn;
 using tessera::Seed;
@@ -94,50 +80,28 @@ struct Options {
   bool torch = true;  // --no-torch: tessera alone (the torch column shows an empty call)
 };
 
-[[noreturn]] void usage(const char* argv0, const std::string& error) {
-  if (!error.empty()) std::fprintf(stderr, "block_bench: %s\n", error.c_str());
-  std::fprintf(stderr,
-               "usage: %s [--threads 1,2] [--repeat 5] [--settle 0.2] [--filter dense|moe]\n"
-               "          [--expert-hidden 1024] [--fresh-pages] [--profile] [--no-torch]\n",
-               argv0);
-  std::exit(error.empty() ? 0 : 2);
-}
+constexpr const char* kSynopsis =
+    " [--threads 1,2] [--repeat 5] [--settle 0.2] [--filter dense|moe]\n"
+    "          [--expert-hidden 1024] [--fresh-pages] [--profile] [--no-torch]\n";
 
-int64_t positive(const char* argv0, const std::string& flag, const std::string& v) {
-  char* end = nullptr;
-  const long long n = std::strtoll(v.c_str(), &end, 10);
-  if (v.empty() || *end != '\0' || n < 1 || n > 1 << 20)
-    usage(argv0, flag + " wants a positive integer, got '" + v + "'");
-  return n;
-}
+// Counts (--repeat, --expert-hidden) above this are typing errors, not experiments.
+constexpr int64_t kMaxCount = 1 << 20;
 
 Options parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) usage(argv[0], a + " needs a value");
-      return argv[++i];
-    };
+  bench::Args args(argc, argv, "block_bench", kSynopsis);
+  while (args.next()) {
+    const std::string& a = args.flag();
     if (a == "--threads") {
-      o.threads.clear();
-      std::stringstream ss(value());
-      std::string item;
-      while (std::getline(ss, item, ','))
-        o.threads.push_back(static_cast<int>(positive(argv[0], a, item)));
-      if (o.threads.empty()) usage(argv[0], "--threads wants a list such as 1,2");
+      o.threads = args.thread_counts();
     } else if (a == "--repeat") {
-      o.repeat = static_cast<int>(positive(argv[0], a, value()));
+      o.repeat = static_cast<int>(args.positive(kMaxCount));
     } else if (a == "--settle") {
-      const std::string v = value();
-      char* end = nullptr;
-      o.settle = std::strtod(v.c_str(), &end);
-      if (v.empty() || *end != '\0' || !(o.settle >= 0 && o.settle <= 10))
-        usage(argv[0], "--settle wants seconds in [0, 10], got '" + v + "'");
+      o.settle = args.seconds(10);
     } else if (a == "--filter") {
-      o.filter = value();
+      o.filter = args.value();
     } else if (a == "--expert-hidden") {
-      o.expert_hidden = positive(argv[0], a, value());
+      o.expert_hidden = args.positive(kMaxCount);
     } else if (a == "--fresh-pages") {
       o.fresh_pages = true;
     } else if (a == "--child") {
@@ -147,50 +111,12 @@ Options parse(int argc, char** argv) {
     } else if (a == "--no-torch") {
       o.torch = false;
     } else if (a == "--help" || a == "-h") {
-      usage(argv[0], "");
+      args.usage();
     } else {
-      usage(argv[0], "unknown argument '" + a + "'");
+      args.unknown();
     }
   }
   return o;
-}
-
-// ---- the machine and the process --------------------------------------------------------------
-
-
-void set_threads(int t) {
-  omp_set_num_threads(t);
-#if defined(TESSERA_HAVE_OPENBLAS)
-  openblas_set_num_threads(t);
-#endif
-  torch_side::set_num_threads(t);
-}
-
-// ---- timing -----------------------------------------------------------------------------------
-
-struct Stat {
-  double median = NAN, min = NAN;
-};
-
-// One warm-up per side, then `repeat` rounds of (a, b), each call after `settle` s idle.
-std::pair<Stat, Stat> alternate(const std::function<void()>& a, const std::function<void()>& b,
-                                int repeat, double settle) {
-  const auto pause = [settle] {
-    std::this_thread::sleep_for(std::chrono::duration<double>(settle));
-  };
-  a();
-  b();
-  std::vector<double> ta, tb;
-  for (int r = 0; r < repeat; ++r) {
-    pause();
-    ta.push_back(bench::seconds_of(a));
-    pause();
-    tb.push_back(bench::seconds_of(b));
-  }
-  auto stat = [](const std::vector<double>& v) {
-    return Stat{bench::median(v), *std::min_element(v.begin(), v.end())};
-  };
-  return {stat(ta), stat(tb)};
 }
 
 // ---- one case ---------------------------------------------------------------------------------
@@ -212,6 +138,13 @@ nn::BlockOptions block_options() {
   nn::BlockOptions o;
   o.attention.max_seq = kSeq;
   return o;
+}
+
+// A (batch, seq, d_model) N(0, 1) tensor from stream `subsequence` of kSeed: x is stream 1, dy 2.
+Tensor<float> block_input(uint64_t subsequence) {
+  auto t = Tensor<float>::empty({kBatch, kSeq, kDModel});
+  tessera::fill_normal<float>(t.data(), t.numel(), Seed{kSeed}, subsequence, 0.0f, 1.0f);
+  return t;
 }
 
 template <class Block>
@@ -249,10 +182,8 @@ template <class Block>
 Row measure(const char* name, bool backward, int threads, const Options& o) {
   const int64_t hidden = Block::kMoE ? o.expert_hidden : kHidden;
   Block block(kDModel, kHeads, kKvHeads, hidden, Seed{kSeed}, 1, block_options());
-  auto x = Tensor<float>::empty({kBatch, kSeq, kDModel});
-  auto dy = Tensor<float>::empty({kBatch, kSeq, kDModel});
-  tessera::fill_normal<float>(x.data(), x.numel(), Seed{kSeed}, 1, 0.0f, 1.0f);
-  tessera::fill_normal<float>(dy.data(), dy.numel(), Seed{kSeed}, 2, 0.0f, 1.0f);
+  const Tensor<float> x = block_input(1);
+  const Tensor<float> dy = block_input(2);
 
   torch_side::BlockShape shape;
   shape.batch = kBatch;
@@ -279,7 +210,7 @@ Row measure(const char* name, bool backward, int threads, const Options& o) {
   row.backward = backward;
   row.threads = threads;
   const std::function<void()> torch_run = o.torch ? torch_bench.run : [] {};
-  std::tie(row.tessera, row.torch) = alternate(tessera_run, torch_run, o.repeat, o.settle);
+  std::tie(row.tessera, row.torch) = bench::alternate(tessera_run, torch_run, o.repeat, o.settle);
   if (!o.torch) return row;
 
   // One clean call per side for the comparison (tessera's grads accumulate across calls).
@@ -304,10 +235,8 @@ template <class Block>
 void profile(const char* name, const Options& o) {
   const int64_t hidden = Block::kMoE ? o.expert_hidden : kHidden;
   Block block(kDModel, kHeads, kKvHeads, hidden, Seed{kSeed}, 1, block_options());
-  auto x = Tensor<float>::empty({kBatch, kSeq, kDModel});
-  auto dy = Tensor<float>::empty({kBatch, kSeq, kDModel});
-  tessera::fill_normal<float>(x.data(), x.numel(), Seed{kSeed}, 1, 0.0f, 1.0f);
-  tessera::fill_normal<float>(dy.data(), dy.numel(), Seed{kSeed}, 2, 0.0f, 1.0f);
+  const Tensor<float> x = block_input(1);
+  const Tensor<float> dy = block_input(2);
   typename Block::Saved s;
   std::vector<std::pair<std::string, std::vector<double>>> parts;
   auto timed = [&](const std::string& what, auto&& f) {
@@ -396,7 +325,7 @@ bool want(const Options& o, const char* name) {
 
 int child_main(const Options& o) {
   const int t = o.threads.front();
-  set_threads(t);
+  bench::set_threads(t);
   if (o.profile) {
     if (want(o, "dense")) profile<DenseBlock>("dense", o);
     if (want(o, "moe")) profile<MoEBlock>("moe", o);
@@ -413,22 +342,16 @@ int child_main(const Options& o) {
 
 int main(int argc, char** argv) {
   const Options o = parse(argc, argv);
-  if (!o.fresh_pages) bench::restart_with_warm_heap(argv, "block_bench");
-  const bool warm_heap = !o.fresh_pages && std::getenv(bench::kWarmHeapMarker) != nullptr;
+  const bool warm_heap = bench::use_warm_heap(argv, "block_bench", o.fresh_pages);
   if (o.child || o.profile) {
-    if (o.profile && !o.child) set_threads(o.threads.front());
+    if (o.profile && !o.child) bench::set_threads(o.threads.front());
     return child_main(o);
   }
 
   std::printf("block_bench: one pre-norm decoder block, tessera vs LibTorch (same weights and "
               "inputs, seed %llu)\n",
               static_cast<unsigned long long>(kSeed));
-  std::printf("machine : %s, %d logical CPUs, load average %s at start\n", cpu_model().c_str(),
-              omp_get_num_procs(), load_average().c_str());
-  std::printf("tessera : %s\n", tessera::cpu_features_summary().c_str());
-#if defined(TESSERA_HAVE_OPENBLAS)
-  std::printf("OpenBLAS: %s (core %s)\n", openblas_get_config(), openblas_get_corename());
-#endif
+  bench::print_machine();
   std::printf("torch   : %s\n", torch_side::describe().c_str());
   std::printf("block   : batch %lld x %lld tokens, d_model %lld, %lld heads (%lld kv), head_dim "
               "%lld, CausalFull, float; dense FFN 2048; MoE %d experts top-%d TopKSoftmax, "
@@ -440,29 +363,21 @@ int main(int argc, char** argv) {
   std::printf("timing  : 1 warm-up, %d alternating rounds, %.2f s idle before each timed call; "
               "ms = median (minimum); one process per thread count\n",
               o.repeat, o.settle);
-  std::printf("memory  : %s\n", warm_heap ? "warm heap (freed memory is reused)"
-                                          : "fresh pages (glibc defaults)");
+  std::printf("memory  : %s\n", bench::heap_note(warm_heap));
   std::printf("ratio   : torch time / tessera time (> 1: tessera faster); rel.diff over y (fwd) "
               "or y, dx, dwq, dw_down (fwd+bwd)\n\n");
   std::fflush(stdout);
 
-  std::error_code ec;
-  const std::string self = std::filesystem::read_symlink("/proc/self/exe", ec).string();
-  if (ec) {
-    std::fprintf(stderr, "block_bench: cannot find its own executable: %s\n", ec.message().c_str());
-    return 1;
-  }
+  const std::string self = bench::own_executable("block_bench");
+  if (self.empty()) return 1;
   std::vector<Row> rows;
   bool ok = true;
   for (int t : o.threads) {
-    const std::string ts = std::to_string(t);
-    std::string cmd = "OMP_NUM_THREADS=" + ts + " OPENBLAS_NUM_THREADS=" + ts + " " +
-                      shell_quote(self) + " --child --threads " + ts +
-                      " --repeat " + std::to_string(o.repeat) + " --settle " +
-                      std::to_string(o.settle) + " --expert-hidden " +
+    std::string cmd = bench::child_command(self, t) + " --repeat " + std::to_string(o.repeat) +
+                      " --settle " + std::to_string(o.settle) + " --expert-hidden " +
                       std::to_string(o.expert_hidden);
     if (o.fresh_pages) cmd += " --fresh-pages";
-    if (!o.filter.empty()) cmd += " --filter " + shell_quote(o.filter);
+    if (!o.filter.empty()) cmd += " --filter " + bench::shell_quote(o.filter);
     if (!o.torch) cmd += " --no-torch";
     std::fprintf(stderr, "block_bench: measuring at %d thread(s)...\n", t);
     FILE* pipe = popen(cmd.c_str(), "r");

@@ -25,22 +25,16 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <filesystem>
-#include <fstream>
+#include <functional>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <vector>
-#if defined(__linux__)
-#include <unistd.h>  // execv
-#endif
 
-#include "harness.hpp"
-#include "machine.hpp"
-#include "tessera/core/cpu_features.hpp"
+#include "bench_common.hpp"
 #include "tessera/core/number.hpp"
 #include "tessera/core/rng.hpp"
 #include "tessera/core/tensor.hpp"
@@ -57,20 +51,14 @@
 #include "tessera/ops/cross_entropy.hpp"
 #define TESSERA_BENCH_CROSS_ENTROPY 1
 #endif
-#include "torch_side.hpp"
 
-#if defined(TESSERA_HAVE_OPENBLAS)
-#include <cblas.h>
-#endif
 #if defined(TESSERA_HAVE_DNNL)
 #include <oneapi/dnnl/dnnl.h>
 #endif
 
 namespace {
 
-using bench::cpu_model;
 using bench::load_average;
-using bench::shell_quote;
 
 using tessera::Cpu;
 using tessera::Seed;
@@ -90,66 +78,37 @@ struct Options {
   std::string filter;
 };
 
-[[noreturn]] void usage(const char* argv0, const std::string& error) {
-  if (!error.empty()) std::fprintf(stderr, "tessera_bench: %s\n", error.c_str());
-  std::fprintf(stderr,
-               "usage: %s [--quick] [--threads 1,2] [--filter SUBSTRING] [--fresh-pages]\n"
-               "  --quick        fewer sizes and repetitions (a smoke run, not a measurement)\n"
-               "  --threads      comma-separated thread counts; each runs in its own process\n"
-               "  --filter       run only the rows whose op name contains SUBSTRING\n"
-               "  --fresh-pages  keep glibc's allocator defaults: every large output is fresh\n"
-               "                 memory the kernel must fault in on each call (see the source)\n",
-               argv0);
-  std::exit(error.empty() ? 0 : 2);
-}
+constexpr const char* kSynopsis =
+    " [--quick] [--threads 1,2] [--filter SUBSTRING] [--fresh-pages]\n"
+    "  --quick        fewer sizes and repetitions (a smoke run, not a measurement)\n"
+    "  --threads      comma-separated thread counts; each runs in its own process\n"
+    "  --filter       run only the rows whose op name contains SUBSTRING\n"
+    "  --fresh-pages  keep glibc's allocator defaults: every large output is fresh\n"
+    "                 memory the kernel must fault in on each call (see the source)\n";
 
 Options parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
+  bench::Args args(argc, argv, "tessera_bench", kSynopsis);
+  while (args.next()) {
+    const std::string& a = args.flag();
     if (a == "--quick") {
       o.quick = true;
     } else if (a == "--fresh-pages") {
       o.fresh_pages = true;
     } else if (a == "--child") {
       o.child = true;
-    } else if (a == "--threads" || a == "--filter") {
-      if (i + 1 >= argc) usage(argv[0], a + " needs a value");
-      const std::string v = argv[++i];
-      if (a == "--filter") {
-        o.filter = v;
-        continue;
-      }
-      o.threads.clear();
-      std::stringstream in(v);
-      std::string item;
-      while (std::getline(in, item, ',')) {
-        char* end = nullptr;
-        const long t = std::strtol(item.c_str(), &end, 10);
-        if (item.empty() || *end != '\0' || t < 1 || t > 1024)
-          usage(argv[0], "--threads wants positive integers such as 1,2; got '" + v + "'");
-        o.threads.push_back(static_cast<int>(t));
-      }
-      if (o.threads.empty()) usage(argv[0], "--threads wants at least one thread count");
+    } else if (a == "--filter") {
+      o.filter = args.value();
+    } else if (a == "--threads") {
+      o.threads = args.thread_counts();
     } else if (a == "--help" || a == "-h") {
-      usage(argv[0], "");
+      args.usage();
     } else {
-      usage(argv[0], "unknown argument '" + a + "'");
+      args.unknown();
     }
   }
+  if (o.child && o.threads.size() != 1) args.fail("--child takes exactly one thread count");
   return o;
-}
-
-// ---- the machine ----------------------------------------------------------------------------
-
-void set_threads(int n) {
-  omp_set_num_threads(n);
-  torch_side::set_num_threads(n);
-#if defined(TESSERA_HAVE_OPENBLAS)
-  // One OpenBLAS serves both sides (LibTorch reaches it through libblas.so.3); its pthread pool
-  // is sized separately from OpenMP's.
-  openblas_set_num_threads(n);
-#endif
 }
 
 // ---- one row --------------------------------------------------------------------------------
@@ -429,12 +388,10 @@ void print_raw_row(size_t case_index, const Row& r) {
 // Runs the child for `threads` and collects its rows; the child's stderr passes through.
 bool run_child(const char* self, const Options& o, int threads, const std::vector<Case>& cs,
                std::vector<std::pair<size_t, Row>>& out) {
-  const std::string t = std::to_string(threads);
-  std::string cmd = "OMP_NUM_THREADS=" + t + " OPENBLAS_NUM_THREADS=" + t + " " +
-                    shell_quote(self) + " --child --threads " + t;
+  std::string cmd = bench::child_command(self, threads);
   if (o.quick) cmd += " --quick";
   if (o.fresh_pages) cmd += " --fresh-pages";
-  if (!o.filter.empty()) cmd += " --filter " + shell_quote(o.filter);
+  if (!o.filter.empty()) cmd += " --filter " + bench::shell_quote(o.filter);
   FILE* pipe = popen(cmd.c_str(), "r");
   if (pipe == nullptr) return false;
   char line[512];
@@ -456,7 +413,7 @@ bool run_child(const char* self, const Options& o, int threads, const std::vecto
 // The child: one thread count, every case, raw rows on stdout.
 int child_main(const Options& o, const bench::TimingOptions& timing) {
   const int t = o.threads.front();
-  set_threads(t);
+  bench::set_threads(t);
   const std::vector<Case> cs = cases(o);
   for (size_t i = 0; i < cs.size(); ++i) {
     auto [tessera_side, torch_bench] = cs[i].prepare();
@@ -472,23 +429,14 @@ int child_main(const Options& o, const bench::TimingOptions& timing) {
 
 int main(int argc, char** argv) {
   const Options o = parse(argc, argv);
-  if (!o.fresh_pages) bench::restart_with_warm_heap(argv, "tessera_bench");
-  const bool warm_heap = !o.fresh_pages && std::getenv(bench::kWarmHeapMarker) != nullptr;
+  const bool warm_heap = bench::use_warm_heap(argv, "tessera_bench", o.fresh_pages);
   bench::TimingOptions timing;
   if (o.quick) timing = {0.05, 3, 200};
-  if (o.child) {
-    if (o.threads.size() != 1) usage(argv[0], "--child takes exactly one thread count");
-    return child_main(o, timing);
-  }
+  if (o.child) return child_main(o, timing);
 
   std::printf("tessera_bench%s: tessera vs LibTorch, same inputs (seed %llu), same thread count\n",
               o.quick ? " --quick" : "", static_cast<unsigned long long>(kSeed));
-  std::printf("machine : %s, %d logical CPUs, load average %s at start\n", cpu_model().c_str(),
-              omp_get_num_procs(), load_average().c_str());
-  std::printf("tessera : %s\n", tessera::cpu_features_summary().c_str());
-#if defined(TESSERA_HAVE_OPENBLAS)
-  std::printf("OpenBLAS: %s (core %s)\n", openblas_get_config(), openblas_get_corename());
-#endif
+  bench::print_machine();
 #if defined(TESSERA_HAVE_DNNL)
   {
     const dnnl_version_t* v = dnnl_version();
@@ -516,13 +464,8 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
 
   const std::vector<Case> cs = cases(o);
-  // The shell popen starts would read /proc/self/exe as itself: resolve it here.
-  std::error_code ec;
-  const std::string self = std::filesystem::read_symlink("/proc/self/exe", ec).string();
-  if (ec) {
-    std::fprintf(stderr, "tessera_bench: cannot find its own executable: %s\n", ec.message().c_str());
-    return 1;
-  }
+  const std::string self = bench::own_executable("tessera_bench");
+  if (self.empty()) return 1;
   std::vector<std::pair<size_t, Row>> collected;
   bool ok = true;
   for (int t : o.threads) {

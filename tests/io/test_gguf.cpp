@@ -12,8 +12,6 @@
 #define BOOST_TEST_MODULE gguf
 #include <boost/test/unit_test.hpp>
 
-#include <unistd.h>
-
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -27,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "common/subprocess.hpp"
 #include "fuzz/fuzz_gguf_one.hpp"
 #include "gguf_builder.hpp"
 #include "tessera/io/gguf.hpp"
@@ -70,30 +69,14 @@ void expect_error(F&& f, const std::string& needle) {
   BOOST_FAIL("accepted; expected an error containing \"" + needle + "\"");
 }
 
-std::string run_capture(const std::string& cmd, int* status) {
-  FILE* pipe = popen(cmd.c_str(), "r");
-  std::string out;
-  if (!pipe) {
-    *status = -1;
-    return out;
-  }
-  char buf[4096];
-  std::size_t n;
-  while ((n = fread(buf, 1, sizeof buf, pipe)) > 0) out.append(buf, n);
-  const int rc = pclose(pipe);
-  *status = WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-  return out;
-}
+using tessera::test::run_capture;
 
 const std::string kScript = std::string(TESSERA_IO_SOURCE_DIR) + "/gguf_reference.py";
 
-// The interpreter that imports numpy and gguf, or "".
+// The interpreter that imports numpy and gguf, or "": CMake's python3 first.
 std::string gguf_python() {
-  for (const char* py : {TESSERA_IO_PYTHON, "python3", "/usr/bin/python3"}) {
-    const std::string cmd = std::string(py) + " -c 'import numpy, gguf' >/dev/null 2>&1";
-    if (std::system(cmd.c_str()) == 0) return py;
-  }
-  return {};
+  return tessera::test::python_with("numpy, gguf",
+                                    {TESSERA_IO_PYTHON, "python3", "/usr/bin/python3"});
 }
 
 // The 64-bit checksums gguf_reference.py computes, over float32 bit patterns.
@@ -115,9 +98,7 @@ std::string hex16(std::uint64_t v) {
 }
 
 fs::path scratch(const std::string& name) {
-  const fs::path d = fs::temp_directory_path() / ("tessera_gguf_" + name + "_" + std::to_string(::getpid()));
-  fs::create_directories(d);
-  return d;
+  return tessera::test::scratch_dir("tessera_gguf_" + name);
 }
 
 }  // namespace

@@ -39,48 +39,51 @@
 
 namespace tessera::train {
 
-struct FP32 {
+namespace precision_detail {
+
+// What a recipe declares besides its name. Each recipe refines one of these two (policies
+// inherit, as CUTLASS's do), so a recipe's own body says only what sets it apart.
+template <class Compute_, bool kLossScaling_ = false>
+struct RecipeBase {
+  using Compute = Compute_;
+  static constexpr bool kAvailable = true;
+  static constexpr bool kLossScaling = kLossScaling_;
+};
+
+// An FP8 recipe: a float model whose heavy products take FP8 operands (see above), through the
+// `Products` the Trainer installs, made default unless the recipe says otherwise.
+template <class Products_>
+struct Fp8RecipeBase : RecipeBase<float> {
+  using Products = Products_;
+  static Products make_products() { return Products(); }
+};
+
+}  // namespace precision_detail
+
+struct FP32 : precision_detail::RecipeBase<float> {
   static constexpr std::string_view kName = "fp32";
-  using Compute = float;
-  static constexpr bool kAvailable = true;
-  static constexpr bool kLossScaling = false;
 };
 
-struct BF16Mixed {
+struct BF16Mixed : precision_detail::RecipeBase<bf16> {
   static constexpr std::string_view kName = "bf16-mixed";
-  using Compute = bf16;
-  static constexpr bool kAvailable = true;
-  static constexpr bool kLossScaling = false;
 };
 
-struct FP16Mixed {
+struct FP16Mixed : precision_detail::RecipeBase<fp16, /*kLossScaling_=*/true> {
   static constexpr std::string_view kName = "fp16-mixed";
-  using Compute = fp16;
-  static constexpr bool kAvailable = true;
-  static constexpr bool kLossScaling = true;
 };
 
 // Transformer Engine's DelayedScaling defaults (margin 0, amax_history_len 16, max reduction).
-struct FP8Delayed {
+struct FP8Delayed : precision_detail::Fp8RecipeBase<Fp8DelayedProducts> {
   static constexpr std::string_view kName = "fp8-delayed";
-  using Compute = float;
-  static constexpr bool kAvailable = true;
-  static constexpr bool kLossScaling = false;
   static constexpr int kAmaxHistory = 16;
   static constexpr int kMargin = 0;
-  using Products = Fp8DelayedProducts;
   static Products make_products() { return Products({.history = kAmaxHistory, .margin = kMargin}); }
 };
 
 // DeepSeek-V3's fine-grained recipe (section 3.3). No loss scaling: a 1x128 tile's own scale
 // lifts small gradients into E4M3's range.
-struct FP8Tile {
+struct FP8Tile : precision_detail::Fp8RecipeBase<Fp8TileProducts> {
   static constexpr std::string_view kName = "fp8-tile";
-  using Compute = float;
-  static constexpr bool kAvailable = true;
-  static constexpr bool kLossScaling = false;
-  using Products = Fp8TileProducts;
-  static Products make_products() { return Products(); }
 };
 
 template <class R>
