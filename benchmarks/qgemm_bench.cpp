@@ -2,9 +2,10 @@
 // memory bandwidth they are bound by (docs/quantization.md).
 //
 // For the products of SmolLM2-135M (K = 576: q/o 576x576, k/v 192x576, gate/up 1536x576, the
-// LM head 49152x576; and down 576x1536) and M = 1, 4, 16 rows, it times one call of
+// LM head 49152x576; and down 576x1536) and M = 1, 4, 16, 32 rows, it times one call of
 //   fp32 via ops::linear (OpenBLAS/oneDNN), and tessera's kernels on fp32, bf16, fp8_e4m3,
-//   int4_rtn<32> and int4_awq<64>
+//   int4_rtn<32> and int4_awq<64>; the INT4 formats once on the float-unpacking AVX-512 path
+//   ("/avx512") and once on the int8-activation VNNI path ("/vnni"), where the CPU has both
 // and prints the weight bytes read per second next to a measured read bandwidth.
 //
 // Decoding reads each matrix once per token, and a model's weights do not fit in the cache, so
@@ -39,6 +40,8 @@
 namespace {
 
 using namespace tessera;
+
+constexpr std::int64_t kMaxRows = 32;
 
 struct Options {
   int threads = 2;
@@ -180,7 +183,7 @@ void print_row(const char* shape, const char* format, std::int64_t m, Times hot,
                std::size_t bytes, const Bandwidth& bw) {
   const double gbs = static_cast<double>(bytes) / dram.best_s / 1e9;
   const double gbs_cpu = static_cast<double>(bytes) / dram.cpu_s / 1e9;
-  std::printf("%-8s %-13s %3lld %8.1f %8.1f %8.1f %8.1f %9.1f %7.2f %6.1f %4.0f%% %6.1f %4.0f%%\n",
+  std::printf("%-8s %-20s %3lld %8.1f %8.1f %8.1f %8.1f %9.1f %7.2f %6.1f %4.0f%% %6.1f %4.0f%%\n",
               shape, format, static_cast<long long>(m), hot.best_s * 1e6, hot.median_s * 1e6,
               dram.best_s * 1e6, dram.median_s * 1e6, dram.cpu_s * 1e6,
               static_cast<double>(bytes) / 1e6, gbs, 100.0 * gbs / bw.wall_gbs, gbs_cpu,
@@ -196,22 +199,36 @@ void run_format(const Shape2& s, const Tensor<float>& w, const Tensor<float>& xs
   const std::size_t llc = last_level_cache_bytes();
   const std::size_t copies = std::max<std::size_t>(2, 2 * llc / q.bytes() + 1);
   std::vector<quant::QuantizedMatrix<F>> many(copies, q);
-  std::vector<float> y(static_cast<std::size_t>(16 * s.n));
-  for (std::int64_t m : {1, 4, 16}) {
-    const Times hot = time_calls([&] { quant::matmul(xs.data(), m, s.k, q, y.data(), s.n); },
-                                   opt.repeat, opt.threads);
-    std::size_t next = 0;
-    const Times dram = time_calls(
-        [&] {
-          quant::matmul(xs.data(), m, s.k, many[next], y.data(), s.n);
-          next = (next + 1) % copies;
-        },
-        std::max<int>(opt.repeat, 3 * static_cast<int>(std::min<std::size_t>(copies, 20))),
-        opt.threads);
-    std::string name = std::string(F::kName);
-    if constexpr (quant::is_int4_v<F>) name += "<" + std::to_string(F::kGroup) + ">";
-    print_row(s.name, name.c_str(), m, hot, dram, q.bytes(), bw);
-  }
+  std::vector<float> y(static_cast<std::size_t>(kMaxRows * s.n));
+  // INT4: the float path and the VNNI path side by side; other formats: the default path.
+  std::vector<quant::KernelPath> paths{quant::kernel_path()};
+  if (quant::is_int4_v<F> && quant::path_available(quant::KernelPath::kAvx512Vnni))
+    paths = {quant::KernelPath::kAvx512, quant::KernelPath::kAvx512Vnni};
+  for (const quant::KernelPath path : paths)
+    for (std::int64_t m : {1, 4, 16, 32}) {
+      const Times hot = time_calls(
+          [&] { quant::matmul_via(path, xs.data(), m, s.k, q, y.data(), s.n); }, opt.repeat,
+          opt.threads);
+      std::size_t next = 0;
+      const Times dram = time_calls(
+          [&] {
+            quant::matmul_via(path, xs.data(), m, s.k, many[next], y.data(), s.n);
+            next = (next + 1) % copies;
+          },
+          std::max<int>(opt.repeat, 3 * static_cast<int>(std::min<std::size_t>(copies, 20))),
+          opt.threads);
+      // (snprintf, not std::string +=: GCC 12 warns falsely about the latter at -O3.)
+      char name[48];
+      if constexpr (quant::is_int4_v<F>) {
+        std::snprintf(name, sizeof name, "%s<%d>%s", F::kName, F::kGroup,
+                      paths.size() < 2 ? ""
+                      : path == quant::KernelPath::kAvx512Vnni ? "/vnni"
+                                                              : "/avx512");
+      } else {
+        std::snprintf(name, sizeof name, "%s", F::kName);
+      }
+      print_row(s.name, name, m, hot, dram, q.bytes(), bw);
+    }
 }
 
 void run_fp32_linear(const Shape2& s, const Tensor<float>& w, const Tensor<float>& xs,
@@ -220,7 +237,7 @@ void run_fp32_linear(const Shape2& s, const Tensor<float>& w, const Tensor<float
   const std::size_t copies = std::max<std::size_t>(2, 2 * last_level_cache_bytes() / bytes + 1);
   std::vector<Tensor<float>> many;
   for (std::size_t i = 0; i < copies; ++i) many.push_back(w.clone());
-  for (std::int64_t m : {1, 4, 16}) {
+  for (std::int64_t m : {1, 4, 16, 32}) {
     const auto x = xs.slice(0, 0, m);
     const Times hot = time_calls([&] { auto y = ops::linear<float>(x, w); }, opt.repeat, opt.threads);
     std::size_t next = 0;
@@ -265,7 +282,7 @@ int main(int argc, char** argv) {
   std::printf("read bandwidth %.1f GB/s by wall time, %.1f GB/s by CPU time per thread (fastest "
               "64 MiB slice of a %zu MiB sum, 3 passes); triad %.1f GB/s (best of 3 passes)\n",
               bw.wall_gbs, bw.cpu_gbs, big >> 20, triad);
-  std::printf("%-8s %-13s %3s %8s %8s %8s %8s %9s %7s %6s %5s %6s %5s\n", "shape", "format", "M",
+  std::printf("%-8s %-20s %3s %8s %8s %8s %8s %9s %7s %6s %5s %6s %5s\n", "shape", "format", "M",
               "hot min", "hot med", "dram min", "dram med", "dram cpu", "W MB", "GB/s", "of bw",
               "GB/s c", "of bw");
   std::printf("(us per call; GB/s = weight bytes / dram min, GB/s c = bytes / dram cpu, each "
@@ -275,7 +292,7 @@ int main(int argc, char** argv) {
   for (const Shape2& s : shapes) {
     if (!opt.filter.empty() && opt.filter != s.name) continue;
     const Tensor<float> w = random_matrix(s.n, s.k, 7);
-    const Tensor<float> xs = activations(16, s.k, 11);
+    const Tensor<float> xs = activations(kMaxRows, s.k, 11);
     run_format<quant::FP32Weights>(s, w, xs, opt, bw);
     run_format<quant::BF16Weights>(s, w, xs, opt, bw);
     run_format<quant::FP8Weights>(s, w, xs, opt, bw);

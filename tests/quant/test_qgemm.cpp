@@ -26,8 +26,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "tessera/quant/qgemm.hpp"
@@ -90,9 +92,18 @@ QuantizedMatrix<F> make(std::int64_t n, std::int64_t k, std::uint64_t seed) {
   }
 }
 
+// The same matrix for every kernel path: AWQ's scale search costs far more than the products.
+template <class F>
+const QuantizedMatrix<F>& made(std::int64_t n, std::int64_t k, std::uint64_t seed) {
+  static std::map<std::tuple<std::int64_t, std::int64_t, std::uint64_t>, QuantizedMatrix<F>> cache;
+  auto it = cache.find({n, k, seed});
+  if (it == cache.end()) it = cache.emplace(std::tuple{n, k, seed}, make<F>(n, k, seed)).first;
+  return it->second;
+}
+
 template <class F>
 void check_against_reference(KernelPath path, std::int64_t n, std::int64_t k, std::int64_t m) {
-  const auto q = make<F>(n, k, kSeed + static_cast<std::uint64_t>(n * 1000 + k));
+  const auto& q = made<F>(n, k, kSeed + static_cast<std::uint64_t>(n * 1000 + k));
   const Tensor<float> wd = q.dequantize(), mag = magnitudes(q);
   const std::int64_t ldx = k + 5, ldy = n + 3;
   const std::vector<float> x = strided_x(m, k, ldx, kSeed + static_cast<std::uint64_t>(m));
@@ -140,7 +151,7 @@ void check_shapes(KernelPath path, std::initializer_list<std::int64_t> ks) {
 // 3-row batch taken from the middle.
 template <class F>
 void check_batch_invariance(KernelPath path, std::int64_t n, std::int64_t k) {
-  const auto q = make<F>(n, k, kSeed + 5);
+  const auto& q = made<F>(n, k, kSeed + 5);
   const std::int64_t ldx = k + 1;
   const std::vector<float> x = strided_x(7, k, ldx, kSeed + 6);
   std::vector<float> batch(static_cast<std::size_t>(7 * n)), one(static_cast<std::size_t>(n)),
@@ -157,11 +168,12 @@ void check_batch_invariance(KernelPath path, std::int64_t n, std::int64_t k) {
                                    << " rows differ between batch and single");
 }
 
-// One thread and two (and three, more than this machine's cores) give the same bits.
+// One thread and two (and three, more than this machine's cores) give the same bits, for a
+// batch of 2 (codes decoded in registers) and of 5 (decoded once per tile into a buffer).
 template <class F>
-void check_thread_invariance(KernelPath path) {
-  const std::int64_t n = 301, k = 512, m = 5;  // n·k above the parallel threshold
-  const auto q = make<F>(n, k, kSeed + 8);
+void check_thread_invariance(KernelPath path, std::int64_t m) {
+  const std::int64_t n = 301, k = 512;  // n·k above the parallel threshold
+  const auto& q = made<F>(n, k, kSeed + 8);
   const std::vector<float> x = strided_x(m, k, k, kSeed + 9);
   const int keep = omp_get_max_threads();
   std::vector<std::vector<float>> ys;
@@ -178,12 +190,174 @@ void check_thread_invariance(KernelPath path) {
              F::kName << " " << to_string(path) << ": 1 and 3 threads differ");
 }
 
+// ---- kAvx512Vnni on INT4: int8 activations ------------------------------------------------
+// The path quantises each row of x (times AWQ's 1/s) per sub-block of 32 to d·q, d = max|x|/127,
+// q = round-to-even(x / d), and computes y = Σ_g (scale_g · Σ_sub d·Σ nibble·q + zero_g · Σ_g x).
+// Checked twice, in double, from the blocks' own nibbles, scales and zero points:
+//   * against the same formula with activations quantised here by a scalar loop. Bound: the
+//     float steps of the kernel (per group G/32 fmas by d, one by the scale, one by the zero
+//     point; the group sum rounded once), n = G/32 + 2·K/G + 2 roundings at most, so
+//     |y - ref_q| <= (n + 1) · 2^-24 · (Σ_sub |scale|·d·Σ|nibble·q| + Σ_g |zero|·Σ|x|).
+//     The integer part is exact, so any wrong code, lane or term is far above this.
+//   * against the unquantised product Σ (nibble·scale + zero)·x. Per element |x - d·q| <=
+//     d·(1/2 + 127·2^-24) (the half step, plus the rounding of x / d), and only the nibble
+//     part of the weight multiplies it (the zero point takes the exact sum), so
+//     |ref_q - ref| <= Σ |nibble·scale| · d · (1/2 + 2^-16)   (+ 2^-24·Σ|w·x| for AWQ's x·(1/s)),
+//     added to the bound above.
+struct QuantisedX {
+  std::vector<float> x;  // x · (1/s) as the path computes it (float product), or x
+  std::vector<float> d;  // per sub-block of 32
+  std::vector<int> q;
+};
+
+template <class F>
+QuantisedX quantise_x(const QuantizedMatrix<F>& w, const float* x, std::int64_t k) {
+  QuantisedX out{std::vector<float>(x, x + k), {}, std::vector<int>(static_cast<std::size_t>(k))};
+  if constexpr (F::kActivationAware)
+    for (std::int64_t i = 0; i < k; ++i)
+      out.x[static_cast<std::size_t>(i)] = x[i] * w.input_scales_inv()[static_cast<std::size_t>(i)];
+  for (std::int64_t c0 = 0; c0 < k; c0 += 32) {
+    float amax = 0;
+    for (std::int64_t i = c0; i < c0 + 32; ++i) amax = std::max(amax, std::abs(out.x[static_cast<std::size_t>(i)]));
+    const float d = amax / 127.0f;
+    out.d.push_back(d);
+    for (std::int64_t i = c0; i < c0 + 32; ++i)
+      out.q[static_cast<std::size_t>(i)] =
+          d > 0 ? static_cast<int>(std::nearbyint(out.x[static_cast<std::size_t>(i)] / d)) : 0;
+  }
+  return out;
+}
+
+struct VnniCheck {
+  std::int64_t bad_q = 0, bad_full = 0;
+  double worst_q = 0, worst_full = 0;  // error / bound
+};
+
+// One output of the VNNI path against both references (see above).
+template <class F>
+void check_vnni_output(const QuantizedMatrix<F>& w, std::int64_t n, const QuantisedX& xq,
+                       float got, VnniCheck& out) {
+  constexpr std::int64_t G = F::kGroup;
+  const std::int64_t k = w.cols();
+  double ref_q = 0, ref = 0, terms = 0, rounding = 0, awq = 0;
+  for (std::int64_t g = 0; g < k / G; ++g) {
+    const auto& b = w.data()[static_cast<std::size_t>(n * (k / G) + g)];
+    double xsum = 0, xabs = 0;
+    for (std::int64_t c0 = g * G; c0 < (g + 1) * G; c0 += 32) {
+      const double d = xq.d[static_cast<std::size_t>(c0 / 32)];
+      std::int64_t isum = 0, iabs = 0;
+      for (std::int64_t i = c0; i < c0 + 32; ++i) {
+        const int nib = b.nibble(static_cast<int>(i % G)), qi = xq.q[static_cast<std::size_t>(i)];
+        const double xi = xq.x[static_cast<std::size_t>(i)];
+        isum += nib * qi;
+        iabs += nib * std::abs(qi);
+        xsum += xi;
+        xabs += std::abs(xi);
+        const double wi = static_cast<double>(nib) * b.scale + b.zero_point;
+        ref += wi * xi;
+        rounding += std::abs(static_cast<double>(nib) * b.scale) * d * (0.5 + 0x1p-16);
+        awq += std::abs(wi * xi);
+      }
+      ref_q += static_cast<double>(b.scale) * d * static_cast<double>(isum);
+      terms += std::abs(static_cast<double>(b.scale)) * d * static_cast<double>(iabs);
+    }
+    ref_q += static_cast<double>(b.zero_point) * xsum;
+    terms += std::abs(static_cast<double>(b.zero_point)) * xabs;
+  }
+  const double roundings = static_cast<double>(G / 32 + 2 * (k / G) + 3);
+  const double bound_q = roundings * 0x1p-24 * terms;
+  const double bound_full = bound_q + rounding + (F::kActivationAware ? 0x1p-24 * awq : 0.0);
+  const double err_q = std::abs(got - ref_q), err_full = std::abs(got - ref);
+  out.bad_q += !(err_q <= bound_q);
+  out.bad_full += !(err_full <= bound_full);
+  if (bound_q > 0) out.worst_q = std::max(out.worst_q, err_q / bound_q);
+  if (bound_full > 0) out.worst_full = std::max(out.worst_full, err_full / bound_full);
+}
+
+template <class F>
+void check_vnni_against_references(const QuantizedMatrix<F>& w, std::int64_t m) {
+  const std::int64_t n = w.rows(), k = w.cols();
+  const std::int64_t ldx = k + 5, ldy = n + 3;
+  std::vector<float> x = strided_x(m, k, ldx, kSeed + static_cast<std::uint64_t>(m));
+  // A sub-block of zeros (step 0) and one with a single non-zero value.
+  if (k >= 64) {
+    std::fill_n(x.begin() + 32, 32, 0.0f);
+    if (m > 1) std::fill_n(x.begin() + ldx, 32, 0.0f), x[static_cast<std::size_t>(ldx + 7)] = -3.0f;
+  }
+  std::vector<float> y(static_cast<std::size_t>((m + 1) * ldy), kSentinel);
+  matmul_via(KernelPath::kAvx512Vnni, x.data(), m, ldx, w, y.data(), ldy);
+  VnniCheck chk;
+  std::int64_t sentinels = 0;
+  for (std::int64_t r = 0; r <= m; ++r) {
+    const QuantisedX xq = r < m ? quantise_x(w, x.data() + r * ldx, k) : QuantisedX{};
+    for (std::int64_t c = 0; c < ldy; ++c) {
+      const float got = y[static_cast<std::size_t>(r * ldy + c)];
+      if (r == m || c >= n) {
+        sentinels += got != kSentinel;
+        continue;
+      }
+      check_vnni_output(w, c, xq, got, chk);
+    }
+  }
+  const std::string what = std::string(F::kName) + "<" + std::to_string(F::kGroup) +
+                           "> avx512-vnni N=" + std::to_string(n) + " K=" + std::to_string(k) +
+                           " M=" + std::to_string(m);
+  BOOST_TEST(chk.bad_q == 0, what << ": " << chk.bad_q << " outputs beyond the summation bound "
+                                  << "from the same int8 activations (worst " << chk.worst_q << ")");
+  BOOST_TEST(chk.bad_full == 0, what << ": " << chk.bad_full << " outputs beyond the activation "
+                                     << "rounding bound (worst " << chk.worst_full << ")");
+  BOOST_TEST(sentinels == 0, what << ": padding overwritten");
+  if (chk.worst_q > 0.5 || chk.worst_full > 0.5)
+    std::printf("  %s: error up to %.2f / %.2f of the bounds\n", what.c_str(), chk.worst_q,
+                chk.worst_full);
+}
+
+// Every M from 1 to 64 (the register path up to 4 rows, the unpacked-tile path beyond, every
+// tail of the 4-row chunks): the first M rows of a 64-row product, bit for bit.
+template <class F>
+void check_vnni_every_m(std::int64_t n, std::int64_t k) {
+  const auto w = make<F>(n, k, kSeed + 21);
+  const std::vector<float> x = strided_x(64, k, k, kSeed + 22);
+  std::vector<float> all(static_cast<std::size_t>(64 * n)), some(static_cast<std::size_t>(64 * n));
+  matmul_via(KernelPath::kAvx512Vnni, x.data(), 64, k, w, all.data(), n);
+  std::int64_t differ = 0;
+  for (std::int64_t m = 1; m <= 64; ++m) {
+    matmul_via(KernelPath::kAvx512Vnni, x.data(), m, k, w, some.data(), n);
+    differ += std::memcmp(some.data(), all.data(), static_cast<std::size_t>(m * n) * 4) != 0;
+  }
+  BOOST_TEST(differ == 0, F::kName << "<" << F::kGroup << "> avx512-vnni: " << differ
+                                   << " of 64 batch sizes differ from the 64-row product");
+}
+
+template <class F>
+void check_vnni(std::initializer_list<std::int64_t> ks) {
+  for (std::int64_t k : ks)
+    for (std::int64_t n : {1, 6, 16, 37}) {
+      const auto& w = made<F>(n, k, kSeed + static_cast<std::uint64_t>(n * 1000 + k));
+      for (std::int64_t m : {1, 3, 5, 17}) check_vnni_against_references(w, m);
+    }
+  check_vnni_every_m<F>(37, *(ks.end() - 1));
+}
+
 template <class F>
 void check_all(std::initializer_list<std::int64_t> ks) {
   for (KernelPath path : available_paths()) {
-    check_shapes<F>(path, ks);
+    if (is_int4_v<F> && path == KernelPath::kAvx512Vnni) {
+      if constexpr (is_int4_v<F>) check_vnni<F>(ks);
+    } else {
+      check_shapes<F>(path, ks);
+    }
     check_batch_invariance<F>(path, 37, *(ks.end() - 1));
-    check_thread_invariance<F>(path);
+    for (const std::int64_t m : {2, 5}) check_thread_invariance<F>(path, m);
+  }
+  // Other formats run kAvx512's kernels on kAvx512Vnni: the same bits.
+  if (!is_int4_v<F> && path_available(KernelPath::kAvx512Vnni)) {
+    const auto q = make<F>(37, 100, kSeed + 31);
+    const std::vector<float> x = strided_x(6, 100, 100, kSeed + 32);
+    std::vector<float> a(6 * 37), b(6 * 37);
+    matmul_via(KernelPath::kAvx512, x.data(), 6, 100, q, a.data(), 37);
+    matmul_via(KernelPath::kAvx512Vnni, x.data(), 6, 100, q, b.data(), 37);
+    BOOST_TEST(std::memcmp(a.data(), b.data(), a.size() * 4) == 0);
   }
 }
 
@@ -202,6 +376,19 @@ BOOST_AUTO_TEST_CASE(bf16_every_path) { check_all<BF16Weights>({7, 100, 384}); }
 BOOST_AUTO_TEST_CASE(fp8_every_path) { check_all<FP8Weights>({7, 100, 384}); }
 BOOST_AUTO_TEST_CASE(int4_rtn32_every_path) { check_all<Int4RTN<32>>({32, 96, 384}); }
 BOOST_AUTO_TEST_CASE(int4_awq128_every_path) { check_all<Int4AWQ<128>>({128, 384}); }
+
+// The VNNI kernel's other group sizes (its unpacking depends on G through the sub-block's place
+// in its block); the float paths take G only through the block's decode, covered above.
+BOOST_AUTO_TEST_CASE(int4_vnni_every_group) {
+  if (!path_available(KernelPath::kAvx512Vnni)) {
+    std::printf("no avx512_vnni here: the VNNI kernel is not tested on this machine\n");
+    return;
+  }
+  check_vnni<Int4RTN<64>>({64, 192, 576});
+  check_vnni<Int4RTN<128>>({128, 384, 1536});
+  check_vnni<Int4AWQ<32>>({32, 96, 384});
+  check_vnni<Int4AWQ<64>>({64, 576});
+}
 
 BOOST_AUTO_TEST_CASE(linear_takes_leading_axes_and_views) {
   const auto q = make<Int4RTN<32>>(19, 64, kSeed + 11);
@@ -229,6 +416,13 @@ BOOST_AUTO_TEST_CASE(path_override_and_argument_errors) {
   BOOST_CHECK_THROW(matmul(x.data(), -1, 16, q, y.data(), 4), Error);  // M < 0
   setenv("TESSERA_QGEMM_PATH", "scalar", 1);
   BOOST_TEST((kernel_path() == KernelPath::kScalar));
+  setenv("TESSERA_QGEMM_PATH", "avx512-vnni", 1);
+  BOOST_TEST((kernel_path() == available_paths().back()));  // or the widest path below it
+  BOOST_TEST((path_available(KernelPath::kAvx512Vnni) == cpu_features().avx512_vnni));
+  if (path_available(KernelPath::kAvx512Vnni)) {
+    setenv("TESSERA_QGEMM_PATH", "avx512", 1);
+    BOOST_TEST((kernel_path() == KernelPath::kAvx512));
+  }
   setenv("TESSERA_QGEMM_PATH", "avx9000", 1);
   BOOST_CHECK_THROW(kernel_path(), Error);
   unsetenv("TESSERA_QGEMM_PATH");

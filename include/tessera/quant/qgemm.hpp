@@ -21,6 +21,9 @@
 // in any batch. The sequence differs between kernel paths (vector width), as the row ops' does.
 //
 // Kernel paths, picked per call from CPUID (core/cpu_features.hpp):
+//   kAvx512Vnni  (avx512f + avx512bw + avx512_vnni; the default where present) INT4 only: x is
+//            quantised to int8 and multiplied by the codes with vpdpbusd (below); the other
+//            formats run kAvx512's kernels.
 //   kAvx512  16-lane floats. INT4: the block's 16 possible weights fma(q, scale, zero) are built
 //            in one register and the codes (16 bytes -> 16 int32 lanes, low nibbles as they
 //            are, high ones shifted down) are looked up with vpermps. FP8 E4M3: the byte is
@@ -33,29 +36,42 @@
 // From M = 5 rows on, each 4-row tile of W is decoded once into a small float buffer that the
 // FMAs of all M rows read, instead of being decoded again for every 4 rows of x.
 //
-// Why the INT4 paths unpack to float rather than quantising x to int8 and using VNNI
-// (vpdpbusd, as llama.cpp's Q4 x Q8 kernels do): at M = 1 the float unpack already runs at
-// about the memory bandwidth on two cores (docs/quantization.md has the figures), so VNNI could
-// not make decoding faster, and it would add an activation rounding error (half a step of an
-// int8 grid over each group's largest |x|) that the float path does not have. At M = 16 and up
-// the float path is bound by FMA throughput instead (this machine retires about one 16-lane FMA
-// per cycle: 2 FMAs per 32 weights and row). One vpdpbusd does 64 multiply-adds, but each group
-// of 32 then still needs its integer sum converted and scaled per row (convert + FMA, as in
-// llama.cpp), so with groups of 32 the gain is small; with groups of 128 it would approach 2x.
-// Left for later.
+// INT4 on kAvx512Vnni (llama.cpp's Q4 x Q8 scheme): each call quantises every row of x (times
+// AWQ's 1/s) to int8 per sub-block of 32 values, d = max|x| / 127, q = round-to-even(x / d),
+// and keeps the float sum of x over each weight group (summed in double, rounded once). Then
+//     y = Σ_groups ( scale · Σ_sub d · Σ nibble·q  +  zero_point · Σ x )
+// with the inner sums exact in int32 (vpdpbusd: 64 u8 x s8 products per instruction). One lane
+// per output row (16-row tiles, codes transposed so that no horizontal sum is needed), so each
+// y[m, n] is still one fixed sequence of float steps: batch and thread invariance hold as on the
+// float paths. Only the nibble part meets the activation rounding (at most d/2 per value); the
+// zero point multiplies the unrounded sum.
+// Why: the float paths are bound by FMA throughput from M = 16 rows on (2 FMAs per 32 weights
+// and row; this core retires about one 16-lane FMA per cycle), so INT4 batching stopped scaling.
+// The VNNI tile spends about 10 instructions per 512 weight-row products instead of 32.
+// Measured (benchmarks/qgemm_bench --filter head, LM head 49152 x 576, int4_rtn<32>, 2 threads,
+// CPU time per thread, docs/quantization.md): M = 1: 823 us vs 867 us on kAvx512 (both near the
+// read bandwidth); M = 4: 904 vs 1383; M = 16: 2117 vs 6668; M = 32: 3502 vs 12740.
+// The cost is the activation rounding: SmolLM2-135M perplexity on KJV Matthew 5-7 (3328 targets,
+// windows of 256, forward_cached through QuantizedWeights) with the file's Q4_1 blocks goes
+// from 13.68 (kAvx512) to 13.97 (+2.1%); AWQ g64: 17.32 -> 17.75 (+2.5%). It is the default
+// because decoding is no slower and batches of 16-32 run 3-3.6x faster; TESSERA_QGEMM_PATH=avx512
+// gives back the float products without activation rounding (as fast at M = 1). Sub-blocks of
+// 16-bit activations (vpdpwssd, half vpdpbusd's rate) would keep most of the speed-up at a
+// rounding 258 times smaller; not written.
 //
 // The SIMD INT4 paths read x in a permuted order (within each chunk of 2·lanes values: the
 // even positions, then the odd ones), matching the nibble order of the codes; x is copied into
 // that order once per call (M·K floats, next to N·K/2 weight bytes). AWQ's 1/s is applied in
 // the same copy.
 //
-// TESSERA_QGEMM_PATH=scalar|avx2|avx512 narrows the choice (a path the CPU lacks falls back to
-// the widest one it has; an unknown name throws).
+// TESSERA_QGEMM_PATH=scalar|avx2|avx512|avx512-vnni narrows the choice (a path the CPU lacks
+// falls back to the widest one below it that it has; an unknown name throws).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string_view>
 #include <type_traits>
 #include <vector>
@@ -80,17 +96,21 @@
 #define TESSERA_QGEMM_AVX2 __attribute__((target("avx2,fma,f16c,bmi,bmi2")))
 #define TESSERA_QGEMM_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2")))
+#define TESSERA_QGEMM_VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi,bmi2")))
 #endif
 
 namespace tessera::quant {
 
-enum class KernelPath { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+// Ordered narrowest first: kernel_path() falls back from an unavailable path to the next lower.
+enum class KernelPath { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3 };
 
 inline const char* to_string(KernelPath p) {
   switch (p) {
     case KernelPath::kScalar: return "scalar";
     case KernelPath::kAvx2: return "avx2";
     case KernelPath::kAvx512: return "avx512";
+    case KernelPath::kAvx512Vnni: return "avx512-vnni";
   }
   return "?";
 }
@@ -114,6 +134,9 @@ inline bool path_available(KernelPath p) {
   const CpuFeatures& f = cpu_features();
   switch (p) {
     case KernelPath::kAvx512: return f.avx512f && f.avx512bw && f.avx2 && f.fma;
+    // A superset of kAvx512 (its non-INT4 formats run kAvx512's kernels).
+    case KernelPath::kAvx512Vnni:
+      return f.avx512f && f.avx512bw && f.avx512_vnni && f.avx2 && f.fma;
     case KernelPath::kAvx2: {
       static const bool f16c = qgemm_detail::has_f16c();
       return f.avx2 && f.fma && f16c;
@@ -129,7 +152,8 @@ inline bool path_available(KernelPath p) {
 // Every path this processor runs, narrowest first.
 inline std::vector<KernelPath> available_paths() {
   std::vector<KernelPath> out;
-  for (KernelPath p : {KernelPath::kScalar, KernelPath::kAvx2, KernelPath::kAvx512})
+  for (KernelPath p :
+       {KernelPath::kScalar, KernelPath::kAvx2, KernelPath::kAvx512, KernelPath::kAvx512Vnni})
     if (path_available(p)) out.push_back(p);
   return out;
 }
@@ -148,8 +172,11 @@ inline KernelPath kernel_path() {
     asked = KernelPath::kAvx2;
   } else if (name == "avx512") {
     asked = KernelPath::kAvx512;
+  } else if (name == "avx512-vnni") {
+    asked = KernelPath::kAvx512Vnni;
   } else {
-    fail("TESSERA_QGEMM_PATH: '", name, "' is unknown; expected one of scalar, avx2, avx512");
+    fail("TESSERA_QGEMM_PATH: '", name,
+         "' is unknown; expected one of scalar, avx2, avx512, avx512-vnni");
   }
   while (asked != KernelPath::kScalar && !path_available(asked))
     asked = static_cast<KernelPath>(static_cast<int>(asked) - 1);
@@ -175,6 +202,10 @@ struct Operands {
   const float* row_scale;   // FP8: per output row; nullptr otherwise
   float row_scale_factor;   // folded into row_scale (2^8 for the fp16 trick of the SIMD paths)
   bool prefetch = true;     // w streams from memory (false for a decoded tile in L1)
+  // kAvx512Vnni, INT4 only: the activations quantised by prepare_vnni (x is then unused).
+  const std::int8_t* xq = nullptr;  // row r's codes at xq + r·K
+  const float* dx = nullptr;        // row r's steps at dx + r·K/32
+  const float* xs = nullptr;        // row r's group sums at xs + r·K/G
 };
 
 // Software prefetch, two tiles ahead. A core keeps only so many cache misses in flight, and
@@ -508,6 +539,263 @@ __attribute__((noinline)) TESSERA_QGEMM_AVX2 void rows_avx2(const Operands<E>& o
     for (; r < o.m; ++r) tile256<E, 1, 1>(o, n, r);
   }
 }
+
+// ---- AVX-512 VNNI: INT4 codes times int8 activations -----------------------------------------
+// y[r, n] = Σ_g ( scale_g · Σ_{c in g} d[r, c] · isum(r, n, c)  +  zero_g · xsum[r, g] )
+// where c runs over the 32-value sub-blocks of x, d[r, c] = max |x| / 127 over the sub-block,
+// isum is the exact integer sum of nibble · round(x / d) over its 32 positions (vpdpbusd: 64
+// u8 x s8 products into 16 int32 lanes per instruction) and xsum the sum of the unrounded x over
+// the weight group. The zero point multiplies the float sum, so only the nibble part sees the
+// activation rounding.
+//
+// Layout: one lane per weight row. A tile is 16 rows of W; for each sub-block their codes are
+// rearranged (unpack_vnni) so that register s, lane j holds four nibbles of row j as bytes, and
+// vpdpbusd multiplies them by four activation codes broadcast to every lane. Eight such steps
+// finish the sub-block with each lane's sum complete: no horizontal reduction anywhere, so every
+// y[r, n] is its own lane's fixed sequence of float steps (convert, fma by d, per group two fmas),
+// whichever lane, tile, batch or thread it falls in; the integer sums are exact in any order.
+
+// x (M, K) -> int8 codes, steps and group sums for rows_vnni (layout in Operands). The codes of
+// each sub-block are stored as its 16 even positions, then its 16 odd ones: the order in which
+// unpack_vnni leaves the low and the high nibbles. inv: AWQ's 1/s per column, or null.
+template <int G>
+TESSERA_QGEMM_VNNI void prepare_vnni(const float* x, std::int64_t m, std::int64_t ldx,
+                                     std::int64_t k, const float* inv, std::int8_t* xq, float* dx,
+                                     float* xs) {
+  const __m512i even =
+      _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (std::int64_t r = 0; r < m; ++r) {
+    const float* src = x + r * ldx;
+    std::int8_t* q = xq + r * k;
+    double group_sum = 0;
+    for (std::int64_t c0 = 0; c0 < k; c0 += 32) {
+      __m512 a = _mm512_loadu_ps(src + c0), b = _mm512_loadu_ps(src + c0 + 16);
+      if (inv != nullptr) {  // the same float product as the other paths' copy of x
+        a = _mm512_mul_ps(a, _mm512_loadu_ps(inv + c0));
+        b = _mm512_mul_ps(b, _mm512_loadu_ps(inv + c0 + 16));
+      }
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+      const float step = amax / 127.0f;
+      dx[r * (k / 32) + c0 / 32] = step;
+      __m512i qa = _mm512_setzero_si512(), qb = qa;
+      if (step > 0.0f) {  // an all-zero sub-block has step 0 and codes 0
+        const __m512 st = _mm512_set1_ps(step);
+        // Round to nearest, ties to even, whatever MXCSR says. |x / step| <= 127 up to an ulp,
+        // and the saturating narrowing below keeps codes in int8 even for a denormal step.
+        qa = _mm512_cvt_roundps_epi32(_mm512_div_ps(a, st),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        qb = _mm512_cvt_roundps_epi32(_mm512_div_ps(b, st),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + c0),
+                       _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(qa, even, qb)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + c0 + 16),
+                       _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(qa, odd, qb)));
+      // The group sum in double, rounded once: the zero-point term is then as exact as float
+      // allows (a float running sum would lose digits to cancellation in long groups).
+      const __m512d lo = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(a)),
+                                       _mm512_cvtps_pd(_mm512_extractf32x8_ps(a, 1)));
+      const __m512d hi = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(b)),
+                                       _mm512_cvtps_pd(_mm512_extractf32x8_ps(b, 1)));
+      group_sum += _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+      if ((c0 + 32) % G == 0) {
+        xs[r * (k / G) + c0 / G] = static_cast<float>(group_sum);
+        group_sum = 0;
+      }
+    }
+  }
+}
+
+// The codes of sub-block c (32 weights) of 16 rows, in vpdpbusd's form: register s, lane j holds
+// row j's nibbles of positions 8s, 8s+2, 8s+4, 8s+6 (s < 4; the low nibbles of packed bytes
+// 4s..4s+3) or 8(s-4)+1, +3, +5, +7 (s >= 4; their high nibbles), one per byte.
+template <int G>
+TESSERA_QGEMM_VNNI TESSERA_FORCE_INLINE void unpack_vnni(const Int4Block<G>* const* rows,
+                                                         std::int64_t c, __m512i q[8]) {
+  const std::int64_t blk = c * 32 / G;
+  const std::int64_t off = c * 32 % G / 2;
+  auto at = [&](int j) {
+    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[j][blk].packed + off));
+  };
+  // r[t]'s 128-bit lane l is row 4l + t; a 4 x 4 dword transpose within each 128-bit lane then
+  // leaves dword s of row 4l + t in lane 4l + t of register s.
+  __m512i r[4];
+  for (int t = 0; t < 4; ++t)
+    r[t] = _mm512_inserti32x4(
+        _mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(at(t)), at(4 + t), 1),
+                           at(8 + t), 2),
+        at(12 + t), 3);
+  const __m512i t0 = _mm512_unpacklo_epi32(r[0], r[1]), t1 = _mm512_unpackhi_epi32(r[0], r[1]);
+  const __m512i t2 = _mm512_unpacklo_epi32(r[2], r[3]), t3 = _mm512_unpackhi_epi32(r[2], r[3]);
+  const __m512i d[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
+                        _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int s = 0; s < 4; ++s) {
+    q[s] = _mm512_and_si512(d[s], low);
+    q[s + 4] = _mm512_and_si512(_mm512_srli_epi32(d[s], 4), low);
+  }
+}
+
+// Each tile row's scale and zero point of group g, one lane per row.
+template <int G>
+TESSERA_QGEMM_VNNI TESSERA_FORCE_INLINE void scales_vnni(const Int4Block<G>* row0, __m512i index,
+                                                         std::int64_t g, __m512& scale,
+                                                         __m512& zero) {
+  scale = _mm512_i32gather_ps(index, &row0[g].scale, 1);
+  zero = _mm512_i32gather_ps(index, &row0[g].zero_point, 1);
+}
+
+// Byte offsets of the tile's 16 rows from its first; lanes past the last row repeat it (their
+// results are computed and dropped, so every load stays inside the matrix).
+template <int G>
+TESSERA_QGEMM_VNNI TESSERA_FORCE_INLINE __m512i row_index_vnni(const Operands<Int4Block<G>>& o,
+                                                               int nb) {
+  const __m512i j = _mm512_min_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(nb - 1));
+  return _mm512_mullo_epi32(
+      j, _mm512_set1_epi32(static_cast<int>(o.per_row * std::int64_t{sizeof(Int4Block<G>)})));
+}
+
+// u[r] = fma(float(isum of sub-block), d[r], u[r]) for MR rows of x. The integer sum is exact
+// in any order, so it runs as two chains (vpdpbusd's latency) without changing a bit.
+template <int MR>
+TESSERA_QGEMM_VNNI TESSERA_FORCE_INLINE void dot_vnni(const __m512i q[8], const std::int8_t* xq,
+                                                      std::int64_t ldq, const float* dx,
+                                                      std::int64_t ldd, __m512 u[MR]) {
+  for (int r = 0; r < MR; ++r) {
+    const std::int8_t* xr = xq + r * ldq;
+    // (Not a lambda: a lambda does not inherit the target attribute its intrinsics need.)
+    __m512i xb[8];
+    for (int s = 0; s < 8; ++s) {
+      std::int32_t v;
+      std::memcpy(&v, xr + 4 * s, 4);
+      xb[s] = _mm512_set1_epi32(v);
+    }
+    __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[0], xb[0]);
+    __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[4], xb[4]);
+    for (int s = 1; s < 4; ++s) {
+      s0 = _mm512_dpbusd_epi32(s0, q[s], xb[s]);
+      s1 = _mm512_dpbusd_epi32(s1, q[s + 4], xb[s + 4]);
+    }
+    u[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)),
+                           _mm512_set1_ps(dx[r * ldd]), u[r]);
+  }
+}
+
+// A 64-byte block for the unpacked tile buffer (std::vector<__m512i> would drop the alignment
+// attribute of its element type).
+struct alignas(64) Zmm {
+  unsigned char bytes[64];
+};
+
+// y[r0 + r, n0 + j] for r < MR, j < nb <= 16. Buffered: the codes, scales and zero points come
+// from wbuf / sbuf (fill_vnni, once per tile) instead of the matrix; the arithmetic is the same.
+template <int G, int MR, bool Buffered>
+TESSERA_QGEMM_VNNI TESSERA_FORCE_INLINE void tile_vnni(const Operands<Int4Block<G>>& o,
+                                                       std::int64_t n0, int nb, std::int64_t r0,
+                                                       const Zmm* wbuf, const Zmm* sbuf) {
+  const std::int64_t groups = o.k / G, subs = G / 32, ldd = o.k / 32;
+  const Int4Block<G>* rows[16];
+  for (int j = 0; j < 16; ++j) rows[j] = o.w + (n0 + std::min(j, nb - 1)) * o.per_row;
+  const __m512i index = row_index_vnni(o, nb);
+  const Prefetcher<Int4Block<G>, 16> ahead(o, !Buffered, n0, 32);
+  const std::int8_t* xq = o.xq + r0 * o.k;
+  const float* dx = o.dx + r0 * ldd;
+  const float* xs = o.xs + r0 * groups;
+  __m512 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  for (std::int64_t g = 0; g < groups; ++g) {
+    __m512 scale, zero;
+    if constexpr (Buffered) {
+      scale = _mm512_load_ps(sbuf[2 * g].bytes);
+      zero = _mm512_load_ps(sbuf[2 * g + 1].bytes);
+    } else {
+      scales_vnni(rows[0], index, g, scale, zero);
+    }
+    __m512 u[MR];
+    for (int r = 0; r < MR; ++r) u[r] = _mm512_setzero_ps();
+    for (std::int64_t sub = 0; sub < subs; ++sub) {
+      const std::int64_t c = g * subs + sub;
+      __m512i q[8];
+      if constexpr (Buffered) {
+        for (int s = 0; s < 8; ++s) q[s] = _mm512_load_si512(wbuf[8 * c + s].bytes);
+      } else {
+        ahead.at(c);
+        unpack_vnni(rows, c, q);
+      }
+      dot_vnni<MR>(q, xq + 32 * c, o.k, dx + c, ldd, u);
+    }
+    for (int r = 0; r < MR; ++r) {
+      acc[r] = _mm512_fmadd_ps(u[r], scale, acc[r]);
+      acc[r] = _mm512_fmadd_ps(zero, _mm512_set1_ps(xs[r * groups + g]), acc[r]);
+    }
+  }
+  const __mmask16 mask = static_cast<__mmask16>((1u << nb) - 1u);
+  for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(o.y + (r0 + r) * o.ldy + n0, mask, acc[r]);
+}
+
+// Unpacks a tile's codes, scales and zero points into wbuf (K/32 · 8 blocks) and sbuf (2·K/G).
+template <int G>
+TESSERA_QGEMM_VNNI TESSERA_FORCE_INLINE void fill_vnni(const Operands<Int4Block<G>>& o,
+                                                       std::int64_t n0, int nb, Zmm* wbuf,
+                                                       Zmm* sbuf) {
+  const std::int64_t groups = o.k / G, subs = G / 32;
+  const Int4Block<G>* rows[16];
+  for (int j = 0; j < 16; ++j) rows[j] = o.w + (n0 + std::min(j, nb - 1)) * o.per_row;
+  const __m512i index = row_index_vnni(o, nb);
+  const Prefetcher<Int4Block<G>, 16> ahead(o, true, n0, 32);
+  for (std::int64_t g = 0; g < groups; ++g) {
+    __m512 scale, zero;
+    scales_vnni(rows[0], index, g, scale, zero);
+    _mm512_store_ps(sbuf[2 * g].bytes, scale);
+    _mm512_store_ps(sbuf[2 * g + 1].bytes, zero);
+    for (std::int64_t sub = 0; sub < subs; ++sub) {
+      const std::int64_t c = g * subs + sub;
+      ahead.at(c);
+      __m512i q[8];
+      unpack_vnni(rows, c, q);
+      for (int s = 0; s < 8; ++s) _mm512_store_si512(wbuf[8 * c + s].bytes, q[s]);
+    }
+  }
+}
+
+template <int G, bool Buffered>
+TESSERA_QGEMM_VNNI TESSERA_FORCE_INLINE void tile_rows_vnni(const Operands<Int4Block<G>>& o,
+                                                            std::int64_t n0, int nb,
+                                                            std::int64_t r0, std::int64_t mr,
+                                                            const Zmm* wbuf, const Zmm* sbuf) {
+  switch (mr) {
+    case 1: tile_vnni<G, 1, Buffered>(o, n0, nb, r0, wbuf, sbuf); return;
+    case 2: tile_vnni<G, 2, Buffered>(o, n0, nb, r0, wbuf, sbuf); return;
+    case 3: tile_vnni<G, 3, Buffered>(o, n0, nb, r0, wbuf, sbuf); return;
+    default: tile_vnni<G, 4, Buffered>(o, n0, nb, r0, wbuf, sbuf); return;
+  }
+}
+
+// Up to 4 rows of x, the codes are unpacked in registers and used at once. Beyond, each 16-row
+// tile is unpacked once into a buffer (16·K bytes of codes, in L1/L2) that every 4 rows of x
+// read: the unpacking then costs once per tile instead of once per 4 rows.
+template <int G>
+__attribute__((noinline)) TESSERA_QGEMM_VNNI void rows_vnni(const Operands<Int4Block<G>>& o,
+                                                            std::int64_t n0, std::int64_t n1) {
+  if (o.m <= kDecodeOnceRows) {
+    for (std::int64_t n = n0; n < n1; n += 16)
+      tile_rows_vnni<G, false>(o, n, static_cast<int>(std::min<std::int64_t>(16, n1 - n)), 0, o.m,
+                               nullptr, nullptr);
+    return;
+  }
+  std::vector<Zmm> wbuf(static_cast<std::size_t>(o.k / 32 * 8)),
+      sbuf(static_cast<std::size_t>(2 * (o.k / G)));
+  for (std::int64_t n = n0; n < n1; n += 16) {
+    const int nb = static_cast<int>(std::min<std::int64_t>(16, n1 - n));
+    fill_vnni(o, n, nb, wbuf.data(), sbuf.data());
+    for (std::int64_t r = 0; r < o.m; r += 4)
+      tile_rows_vnni<G, true>(o, n, nb, r, std::min<std::int64_t>(4, o.m - r), wbuf.data(),
+                              sbuf.data());
+  }
+}
 #pragma GCC diagnostic pop
 #endif  // TESSERA_QGEMM_X86
 
@@ -515,6 +803,13 @@ template <class E>
 void run_rows(KernelPath path, const Operands<E>& o, std::int64_t n0, std::int64_t n1) {
 #if defined(TESSERA_QGEMM_X86)
   switch (path) {
+    case KernelPath::kAvx512Vnni:
+      if constexpr (requires { E::kGroup; }) {
+        rows_vnni<E::kGroup>(o, n0, n1);
+      } else {
+        rows_avx512<E>(o, n0, n1);
+      }
+      return;
     case KernelPath::kAvx512: rows_avx512<E>(o, n0, n1); return;
     case KernelPath::kAvx2: rows_avx2<E>(o, n0, n1); return;
     case KernelPath::kScalar: break;
@@ -526,6 +821,7 @@ void run_rows(KernelPath path, const Operands<E>& o, std::int64_t n0, std::int64
 
 inline int lanes(KernelPath p) {
   switch (p) {
+    case KernelPath::kAvx512Vnni:
     case KernelPath::kAvx512: return 16;
     case KernelPath::kAvx2: return 8;
     case KernelPath::kScalar: break;
@@ -556,9 +852,27 @@ void matmul_via(KernelPath path, const float* x, std::int64_t m, std::int64_t ld
     o.row_scale_factor = path == KernelPath::kScalar ? 1.0f : 256.0f;
   }
   std::vector<float> xbuf;
+  std::vector<std::int8_t> xq;
   if constexpr (is_int4_v<F>) {
     const int step = 2 * qgemm_detail::lanes(path);
-    if (F::kActivationAware || step > 2) {
+    if (path == KernelPath::kAvx512Vnni) {
+#if defined(TESSERA_QGEMM_X86)
+      // The tile's gather indices are int32 byte offsets of 16 rows.
+      TESSERA_CHECK(16 * (k / F::kGroup) * static_cast<std::int64_t>(sizeof(E)) < (std::int64_t{1} << 31),
+                    "quant::matmul<", F::kName, ">: K = ", k, " is too large for the ",
+                    to_string(path), " path");
+      constexpr std::int64_t G = F::kGroup;
+      xq.resize(static_cast<std::size_t>(m * k));
+      xbuf.resize(static_cast<std::size_t>(m * (k / 32 + k / G)));
+      const float* inv = F::kActivationAware ? w.input_scales_inv().data() : nullptr;
+      qgemm_detail::prepare_vnni<F::kGroup>(x, m, ldx, k, inv, xq.data(), xbuf.data(),
+                                           xbuf.data() + m * (k / 32));
+      o.x = nullptr;
+      o.xq = xq.data();
+      o.dx = xbuf.data();
+      o.xs = xbuf.data() + m * (k / 32);
+#endif
+    } else if (F::kActivationAware || step > 2) {
       xbuf.resize(static_cast<std::size_t>(m * k));
       const float* inv = F::kActivationAware ? w.input_scales_inv().data() : nullptr;
       for (std::int64_t r = 0; r < m; ++r) {
