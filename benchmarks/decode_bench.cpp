@@ -9,7 +9,8 @@
 //            shipped) and INT4 AWQ, multiplied by quant/qgemm.hpp's kernels, each beside its own
 //            bandwidth bound (weight bytes per token over the triad bandwidth);
 //   batching total tokens/s of infer::Engine serving 1, 4, 16 and 32 requests at once (fp32 and
-//            INT4), the point of continuous batching: a step reads the weights once for all;
+//            INT4 on each INT4 kernel path), the point of continuous batching: a step reads the
+//            weights once for all;
 //   decode   greedy tokens/s after a 16-token prompt: tessera's infer::generate path
 //            (forward_cached, KV cache) vs decode_torch.cpp (the Hugging Face Llama forward in
 //            LibTorch ops with a KV cache), same weights (LibTorch borrows tessera's buffers);
@@ -237,7 +238,20 @@ int main(int argc, char** argv) {
   rows.push_back(format_row<q::FP8Weights>("fp8 e4m3 (per channel)", *model, cal, short_prompt, new_tokens, rounds));
   rows.push_back(format_row<q::Int4RTN<32>>("int4 g32 (Q4_1 as shipped)", *model, cal, short_prompt, new_tokens, rounds));
   rows.push_back(format_row<q::Int4AWQ<64>>("int4 AWQ g64", *model, cal, short_prompt, new_tokens, rounds));
-  std::printf("\nweight formats, decode at batch 1 (%d thread(s)):\n", threads);
+  // INT4 has two kernels on a VNNI processor (quant/qgemm.hpp): the rows above ran the default
+  // one; these pin the other (float unpacking, no activation rounding) for comparison.
+  const bool vnni = q::path_available(q::KernelPath::kAvx512Vnni);
+  if (vnni) {
+    const std::string keep = std::getenv("TESSERA_QGEMM_PATH") ? std::getenv("TESSERA_QGEMM_PATH") : "";
+    setenv("TESSERA_QGEMM_PATH", q::kernel_path() == q::KernelPath::kAvx512Vnni ? "avx512" : "avx512-vnni", 1);
+    const std::string other = std::string(" [") + q::to_string(q::kernel_path()) + "]";
+    rows.push_back(format_row<q::Int4RTN<32>>(("int4 g32" + other).c_str(), *model, cal, short_prompt, new_tokens, rounds));
+    rows.push_back(format_row<q::Int4AWQ<64>>(("int4 AWQ g64" + other).c_str(), *model, cal, short_prompt, new_tokens, rounds));
+    if (keep.empty()) unsetenv("TESSERA_QGEMM_PATH");
+    else setenv("TESSERA_QGEMM_PATH", keep.c_str(), 1);
+  }
+  std::printf("\nweight formats, decode at batch 1 (%d thread(s); INT4 kernel path %s unless named):\n",
+              threads, q::to_string(q::kernel_path()));
   std::printf("%-28s %10s %12s %12s %10s %14s\n", "format", "MB/token", "tokens/s", "bound tok/s",
               "of bound", "vs fp32 tokens");
   for (const FormatRow& r : rows) {
@@ -252,7 +266,9 @@ int main(int argc, char** argv) {
   const int batch_new = 32;
   std::printf("\ncontinuous batching (infer::Engine, %d new tokens per request, 16-token prompts):\n",
               batch_new);
-  std::printf("%-12s %16s %16s\n", "requests", "fp32 tokens/s", "int4 g32 tokens/s");
+  // INT4 on both its kernel paths where the processor has VNNI (float unpacking, int8 activations).
+  std::printf("%-12s %16s %22s %22s\n", "requests", "fp32 tokens/s", "int4 g32 avx512 tok/s",
+              "int4 g32 vnni tok/s");
   const q::QuantizedLinears<q::Int4RTN<32>> q4 = q::quantize_linears<q::Int4RTN<32>>(*model, &cal);
   const ts::infer::QuantizedWeights q4w(*model, q4);
   for (int n : {1, 4, 16, 32}) {
@@ -260,9 +276,16 @@ int main(int argc, char** argv) {
     auto pool = ts::infer::make_pool(*model, n * (16 + batch_new) + 64);
     ts::infer::Engine dense(*model, pool, {.max_step_tokens = 512});
     const double d = batch_tokens_per_second(dense, ids, n, batch_new);
-    ts::infer::Engine packed(*model, pool, q4w, {.max_step_tokens = 512});
-    const double p = batch_tokens_per_second(packed, ids, n, batch_new);
-    std::printf("%-12d %16.1f %16.1f\n", n, d, p);
+    double p[2] = {0, 0};
+    const std::string keep = std::getenv("TESSERA_QGEMM_PATH") ? std::getenv("TESSERA_QGEMM_PATH") : "";
+    for (int v = 0; v < (vnni ? 2 : 1); ++v) {
+      setenv("TESSERA_QGEMM_PATH", v == 0 ? "avx512" : "avx512-vnni", 1);
+      ts::infer::Engine packed(*model, pool, q4w, {.max_step_tokens = 512});
+      p[v] = batch_tokens_per_second(packed, ids, n, batch_new);
+    }
+    if (keep.empty()) unsetenv("TESSERA_QGEMM_PATH");
+    else setenv("TESSERA_QGEMM_PATH", keep.c_str(), 1);
+    std::printf("%-12d %16.1f %22.1f %22.1f\n", n, d, p[0], p[1]);
   }
   return 0;
 }

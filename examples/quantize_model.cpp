@@ -16,7 +16,8 @@
 //   2. the calibration text is tokenised and cut into windows; one forward over them records the
 //      rows that each linear product multiplies (quant/model_quant.hpp: collect_calibration);
 //   3. every linear weight (attention projections, FFN and expert matrices, the LM head) is
-//      quantised to the format; AWQ searches its per-channel scales on those rows;
+//      quantised to the format; AWQ searches its per-channel scales on those rows, q/k/v and
+//      gate/up sharing one scale vector scored by their attention's / FFN's output;
 //   4. the file is written (quant/model_quant.hpp: save_quantized lists its layout) and the
 //      perplexity of the calibration text is printed for the original and the quantised
 //      weights, a quick sanity check that the conversion kept the model working.
@@ -97,7 +98,8 @@ void convert(ts::Decoder<Config>& model, const std::vector<int32_t>& ids, int64_
   std::printf("2. calibration: %lld windows of %lld tokens; rows recorded for %zu matrices\n",
               static_cast<long long>(cal_tokens.dim(0)), static_cast<long long>(T),
               cal.inputs.size());
-  const q::QuantizedLinears<Format> ql = q::quantize_linears<Format>(model, &cal);
+  q::AwqReport report;
+  const q::QuantizedLinears<Format> ql = q::quantize_linears<Format>(model, &cal, {}, &report);
   int64_t elements = 0;
   for (const auto& [name, m] : ql.matrices) elements += m.rows() * m.cols();
   std::printf("3. quantised %zu matrices (%lld weights) to %s: %.1f MB -> %.1f MB (%.2f bits per "
@@ -115,6 +117,14 @@ void convert(ts::Decoder<Config>& model, const std::vector<int32_t>& ids, int64_
     }
     std::printf("   AWQ: mean exponent alpha %.2f; %d of %zu matrices kept plain RTN (alpha 0)\n",
                 sum / static_cast<double>(ql.matrices.size()), zero, ql.matrices.size());
+    // The groups that share one scale vector (q/k/v, gate/up, and the head alone), each scored by
+    // its module's output on the calibration tokens: the mean of error / RTN's error.
+    double ratio = 0;
+    for (const auto& g : report.groups) ratio += g.rtn_error > 0 ? g.error / g.rtn_error : 1.0;
+    if (!report.groups.empty())
+      std::printf("   AWQ: %zu groups scored by their module's output; their error is %.0f%% of "
+                  "RTN's on average\n",
+                  report.groups.size(), 100.0 * ratio / static_cast<double>(report.groups.size()));
   }
   q::save_quantized(o.out, model, ql);
   std::printf("4. wrote %s (%.1f MB)\n", o.out.c_str(),

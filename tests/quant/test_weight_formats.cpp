@@ -297,3 +297,45 @@ BOOST_AUTO_TEST_CASE(bad_inputs_throw_with_a_message) {
   BOOST_CHECK_EXCEPTION(QuantizedMatrix<FP8Weights>::from_parts(1, 4, codes, {1.0f}), Error,
                         [](const Error& e) { return message_has(e, "NaN"); });
 }
+
+// quantize_awq_with_scales (the whole-model search's builder): with the scales quantize<AWQ>
+// chose and the same rows it is that matrix bit for bit; without rows it is RTN of W·diag(s),
+// computed here with the group quantiser, times 1/s.
+BOOST_AUTO_TEST_CASE(awq_with_given_scales_is_the_searched_matrix_for_those_scales) {
+  const std::int64_t n = 16, k = 128;
+  const Tensor<float> w = realish_weights(n, k, kSeed + 13);
+  const Calibration cal{outlier_activations(32, k, kSeed + 14)};
+  const auto searched = quantize<Int4AWQ<64>>(w, &cal);
+  // s as the search had it (1/(1/s) may differ from s in the last bit).
+  std::vector<float> a(static_cast<std::size_t>(k)), s_ref, s_inv;
+  for (std::int64_t c = 0; c < k; ++c) {
+    double sum = 0;
+    for (std::int64_t r = 0; r < cal.x.dim(0); ++r) sum += std::abs(static_cast<double>(cal.x(r, c)));
+    a[static_cast<std::size_t>(c)] = std::max(static_cast<float>(sum / static_cast<double>(cal.x.dim(0))), 1e-4f);
+  }
+  tessera::quant::detail::awq_scales(a, searched.awq_alpha(), s_ref, s_inv);
+  const auto again = quantize_awq_with_scales<Int4AWQ<64>>(w, s_ref, searched.awq_alpha(), &cal);
+  const Tensor<float> d1 = searched.dequantize(), d2 = again.dequantize();
+  BOOST_TEST(std::memcmp(d1.data(), d2.data(), d1.size_bytes()) == 0);
+  BOOST_TEST(again.awq_alpha() == searched.awq_alpha());
+
+  const auto plain = quantize_awq_with_scales<Int4AWQ<64>>(w, s_ref, 0.5f, nullptr);
+  std::vector<float> scaled(static_cast<std::size_t>(n * k));
+  for (std::int64_t i = 0; i < n * k; ++i) scaled[static_cast<std::size_t>(i)] = w.data()[i] * s_ref[static_cast<std::size_t>(i % k)];
+  const auto blocks = quantize_int4<64>(scaled.data(), n * k, Int4Mode::kAsymmetric);
+  std::vector<float> want(static_cast<std::size_t>(n * k));
+  dequantize_int4(blocks, want.data());
+  const Tensor<float> got = plain.dequantize();
+  std::int64_t mismatches = 0;
+  for (std::int64_t i = 0; i < n * k; ++i)
+    mismatches += bits(got.data()[i]) != bits(want[static_cast<std::size_t>(i)] * (1.0f / s_ref[static_cast<std::size_t>(i % k)]));
+  BOOST_TEST(mismatches == 0);
+  BOOST_TEST(plain.awq_alpha() == 0.5f);
+
+  std::vector<float> bad = s_ref;
+  bad[7] = 0.0f;
+  BOOST_CHECK_EXCEPTION(quantize_awq_with_scales<Int4AWQ<64>>(w, bad, 0.5f), Error,
+                        [](const Error& e) { return message_has(e, "s[7]"); });
+  BOOST_CHECK_EXCEPTION(quantize_awq_with_scales<Int4AWQ<64>>(w, std::vector<float>(64, 1.0f), 0.5f), Error,
+                        [](const Error& e) { return message_has(e, "64 input scales for K = 128"); });
+}

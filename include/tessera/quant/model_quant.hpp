@@ -20,7 +20,8 @@
 // model over calibration tokens with the model's own saved activations (nn layers keep their
 // inputs for the backward: attention keeps its normed input and the pre-wo output, the FFN its
 // input and silu(gate)*up, every expert the rows routed to it). At most `max_rows` rows per
-// matrix are kept, evenly spaced, so a large calibration set stays cheap for the search.
+// matrix are kept, evenly spaced, so a large calibration set stays cheap for the search. The set
+// also keeps the token windows: AWQ's module search (see AwqOptions) reruns the blocks on them.
 #pragma once
 
 #include <algorithm>
@@ -41,6 +42,7 @@
 #include "tessera/io/safetensors.hpp"
 #include "tessera/models/decoder.hpp"
 #include "tessera/ops/cast.hpp"
+#include "tessera/ops/matmul.hpp"
 #include "tessera/quant/weight_formats.hpp"
 
 namespace tessera::quant {
@@ -61,9 +63,13 @@ inline bool is_linear_weight(std::string_view name) {
 // The name the head is quantised under, tied or not.
 inline constexpr std::string_view kHeadName = "lm_head.weight";
 
-// Calibration rows per weight name.
+// Calibration rows per weight name, and the token windows they came from.
 struct CalibrationSet {
   std::map<std::string, Calibration> inputs;
+  // Each batch of windows (B, T) collect_calibration ran: AWQ's module search (quantize_linears)
+  // runs the blocks on them again, because attention's output needs whole sequences, not rows.
+  std::vector<Tensor<int32_t>> tokens;
+  int64_t max_rows = 1024;  // the cap collect_calibration was given
 
   const Calibration* find(const std::string& name) const {
     auto it = inputs.find(name);
@@ -137,6 +143,8 @@ CalibrationSet collect_calibration(const models::Decoder<Config, Cpu>& model,
   TESSERA_CHECK(max_rows >= 1, "collect_calibration: max_rows = ", max_rows, " must be >= 1");
   typename M::Saved saved;
   (void)model.forward(tokens, saved);
+  set.tokens.push_back(tokens.contiguous());
+  set.max_rows = max_rows;
   constexpr int64_t C = R::d_model;
   each_saved_block(saved.trunk, [&](int64_t l, const auto& s) {
     const std::string p = "layers." + std::to_string(l) + ".";
@@ -215,15 +223,381 @@ Tensor<float> to_float(const Tensor<T>& w) {
 }
 }  // namespace model_quant_detail
 
+// How the AWQ search is scored (quantize_linears with an Int4AWQ format). The products that read
+// one input share one scale vector s, and α is scored by the output of the module they feed, as
+// the reference implementation (llm-awq's auto_scale) does:
+//   wq, wk, wv      read norm1's output; scored by the attention layer's output (its softmax, the
+//                   window policy and wo in full precision), over whole calibration sequences
+//   w_gate, w_up    read norm2's output (or an expert's routed rows); scored by the output of
+//                   their SwiGLU FFN, w_down in full precision (each expert by its own output)
+//   wo, w_down      each by its own output (quant::quantize's per-product search)
+//   the head        by KL(softmax(logits_ref) || softmax(logits)) summed over calibration rows:
+//                   its module is the predicted distribution. (Scored by the logits' squared
+//                   error, AWQ's head tracked the reference model worse than RTN's on the flagship.)
+// The module error is the sum over calibration tokens and outputs of (y - y_ref)² against the
+// unquantised module on the same input. After α, each product of a group may clip its groups
+// (detail::awq_clip, scored per product); a product's clipping is kept only when it lowers the
+// module error. α = 0 without clipping is plain RTN and a candidate is taken only when strictly
+// better, so every group's module error is at most RTN's on the calibration tokens.
+// Sharing s is also what lets an inference kernel run q, k and v (gate and up) as one product:
+// the fused matrix has one input scale vector.
+// Each block's inputs come from the unquantised blocks before it (llm-awq's choice), unless
+// AwqOptions::quantized_inputs asks for the quantised earlier blocks' outputs.
+struct AwqOptions {
+  // true: the module objective above. false: every product searched alone on its own output
+  // (quant::quantize with its calibration rows), each with its own scales.
+  bool module_objective = true;
+  // true: block l's search sees the outputs of blocks < l with their quantised weights (and the
+  // FFN's search the quantised attention of its own block).
+  bool quantized_inputs = false;
+};
+
+// What the module search chose for one group of products that share scales.
+struct AwqGroupResult {
+  std::vector<std::string> names;  // e.g. layers.0.attn.wq, .wk, .wv
+  float alpha = 0;                 // the shared exponent
+  double rtn_error = 0;            // module error with α = 0, no clipping (plain RTN)
+  double scaled_error = 0;         // with the chosen α, no clipping
+  double error = 0;                // final: the chosen α and the clipping kept
+  std::vector<bool> clipped;       // per product: whether its clipping was kept
+};
+struct AwqReport {
+  std::vector<AwqGroupResult> groups;
+};
+
+namespace model_quant_detail {
+
+// W (N, K) into Format, K padded to the group with zero columns (rows too when given).
+template <class Format>
+QuantizedMatrix<Format> quantize_padded(const Tensor<float>& w, const Calibration* cal) {
+  const int64_t kp = padded_cols<Format>(w.dim(1));
+  if (kp == w.dim(1)) return quantize<Format>(w, cal);
+  Calibration padded;
+  if (cal) padded.x = pad_columns(cal->x, kp);
+  return quantize<Format>(pad_columns(w, kp), cal ? &padded : nullptr);
+}
+
+// sum (a - b)² in double.
+template <class T>
+double squared_difference(const Tensor<T>& a, const Tensor<T>& b) {
+  TESSERA_CHECK(a.numel() == b.numel(), "AWQ module error: outputs of ", a.numel(), " and ",
+                b.numel(), " elements");
+  double e = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    const double d = ops::cast_detail::load<double>(a.data()[i]) - ops::cast_detail::load<double>(b.data()[i]);
+    e += d * d;
+  }
+  return e;
+}
+
+// sum over rows of KL(softmax(ref) || softmax(got)), logits (S, V), in double: what the head's
+// rounding does to the model's predicted distribution, which is what its loss sees (the logits'
+// squared error weighs every token of the vocabulary alike, the loss almost only the likely ones).
+template <class T>
+double kl_divergence(const Tensor<T>& ref, const Tensor<T>& got) {
+  const int64_t V = ref.dim(-1), S = ref.numel() / V;
+  std::vector<double> per_row(static_cast<size_t>(S));
+#pragma omp parallel for schedule(static) if (S * V > (1 << 16))
+  for (int64_t r = 0; r < S; ++r) {
+    const T* a = ref.data() + r * V;
+    const T* b = got.data() + r * V;
+    double ma = -INFINITY, mb = -INFINITY;
+    for (int64_t v = 0; v < V; ++v) {
+      ma = std::max(ma, ops::cast_detail::load<double>(a[v]));
+      mb = std::max(mb, ops::cast_detail::load<double>(b[v]));
+    }
+    double za = 0, zb = 0;
+    for (int64_t v = 0; v < V; ++v) {
+      za += std::exp(ops::cast_detail::load<double>(a[v]) - ma);
+      zb += std::exp(ops::cast_detail::load<double>(b[v]) - mb);
+    }
+    const double la = ma + std::log(za), lb = mb + std::log(zb);
+    double kl = 0;
+    for (int64_t v = 0; v < V; ++v) {
+      const double pa = ops::cast_detail::load<double>(a[v]) - la;  // log p
+      const double pb = ops::cast_detail::load<double>(b[v]) - lb;  // log q
+      kl += std::exp(pa) * (pa - pb);
+    }
+    per_row[static_cast<size_t>(r)] = kl;
+  }
+  double total = 0;
+  for (const double e : per_row) total += e;  // in row order: the same for every thread count
+  return total;
+}
+
+// Rows (..., K) of several tensors as one float (rows, K).
+template <class T>
+Tensor<float> all_rows(const std::vector<const Tensor<T>*>& parts, int64_t K) {
+  int64_t rows = 0;
+  for (const Tensor<T>* t : parts) rows += t->numel() / K;
+  Tensor<float> out(Shape{rows, K});
+  int64_t at = 0;
+  for (const Tensor<T>* t : parts) {
+    const Tensor<T>& c = *t;  // an owning tensor is contiguous
+    for (int64_t i = 0; i < c.numel(); ++i) out.data()[at + i] = ops::cast_detail::load<float>(c.data()[i]);
+    at += c.numel();
+  }
+  return out;
+}
+
+template <class T>
+Tensor<T> to_model_type(const Tensor<float>& x) {
+  Tensor<T> out(x.shape());
+  for (int64_t i = 0; i < x.numel(); ++i) out.data()[i] = ops::cast_detail::store<T>(x.data()[i]);
+  return out;
+}
+
+// Writes the first K columns of eff (N, Kp) into p.
+template <class T>
+void write_columns(nn::Parameter<T>& p, const float* eff, int64_t kp) {
+  const int64_t N = p.value.dim(0), K = p.value.dim(1);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) p.value.data()[n * K + k] = ops::cast_detail::store<T>(eff[n * kp + k]);
+}
+
+// The search for one group of products that read the same input (see the comment above
+// AwqOptions): `x` (S, K) the input rows for the channel means and the clipping, `module_error`
+// the module's output error with the group's current values in the model. Leaves the model's
+// weights as they were; adds the group's matrices to `out`.
+template <class Format, class T, class ModuleError>
+void awq_group(const std::vector<std::string>& names, const std::vector<nn::Parameter<T>*>& params,
+               const Tensor<float>& x, ModuleError&& module_error, QuantizedLinears<Format>& out,
+               AwqReport* report) {
+  constexpr int G = Format::kGroup;
+  const int64_t K = params.front()->value.dim(1), kp = padded_cols<Format>(K);
+  std::vector<Tensor<float>> w;         // (N, Kp) in float, zero columns appended
+  std::vector<Tensor<T>> original;
+  for (nn::Parameter<T>* p : params) {
+    TESSERA_CHECK(p->value.dim(1) == K, "quantize_linears: '", names[w.size()], "' has K = ",
+                  p->value.dim(1), ", the others of its group ", K);
+    w.push_back(pad_columns(to_float(p->value), kp));
+    original.push_back(p->value.clone());
+  }
+  TESSERA_CHECK(x.rank() == 2 && x.dim(1) == K && x.dim(0) > 0, "quantize_linears: '", names[0],
+                "': calibration rows have shape ", x.shape(), "; expected (S, ", K, ") with S > 0");
+  const std::vector<float> a = detail::awq_channel_means(x.data(), x.dim(0), K, "quantize_linears");
+  // Scales over the real columns (normalised over them), 1 for the padding.
+  auto scales = [&](float alpha) {
+    std::vector<float> s, s_inv;
+    detail::awq_scales(a, alpha, s, s_inv);
+    s.resize(static_cast<size_t>(kp), 1.0f);
+    return s;
+  };
+  AwqGroupResult r;
+  r.names = names;
+  std::vector<float> eff;
+  for (int g = 0; g < kAwqGrid; ++g) {
+    const float alpha = static_cast<float>(g) / kAwqGrid;
+    const std::vector<float> s = scales(alpha);
+    for (size_t i = 0; i < params.size(); ++i) {
+      eff.resize(static_cast<size_t>(w[i].numel()));
+      detail::awq_effective<G>(w[i].data(), w[i].dim(0), kp, s, eff.data());
+      write_columns(*params[i], eff.data(), kp);
+    }
+    const double e = module_error();
+    if (g == 0) r.rtn_error = e;
+    // Strictly better only: ties keep the smaller α (α = 0 is plain RTN).
+    if (g == 0 || e < r.scaled_error) {
+      r.scaled_error = e;
+      r.alpha = alpha;
+    }
+  }
+  // The chosen scales, then each product's clipping where it lowers the module error.
+  const std::vector<float> s = scales(r.alpha);
+  const Calibration clip{pad_columns(x, kp)};
+  std::vector<QuantizedMatrix<Format>> chosen;
+  for (size_t i = 0; i < params.size(); ++i) {
+    chosen.push_back(quantize_awq_with_scales<Format>(w[i], s, r.alpha, nullptr));
+    write_columns(*params[i], chosen.back().dequantize().data(), kp);
+  }
+  r.error = r.scaled_error;
+  for (size_t i = 0; i < params.size(); ++i) {
+    QuantizedMatrix<Format> clipped = quantize_awq_with_scales<Format>(w[i], s, r.alpha, &clip);
+    write_columns(*params[i], clipped.dequantize().data(), kp);
+    const double e = module_error();
+    r.clipped.push_back(e < r.error);
+    if (e < r.error) {
+      r.error = e;
+      chosen[i] = std::move(clipped);
+    } else {
+      write_columns(*params[i], chosen[i].dequantize().data(), kp);
+    }
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    params[i]->value = std::move(original[i]);
+    out.matrices.insert_or_assign(names[i], std::move(chosen[i]));
+  }
+  if (report) report->groups.push_back(std::move(r));
+}
+
+// Writes the effective values of the matrices `names` (already in q) into their parameters.
+template <class Format, class T>
+void load_some(QuantizedLinears<Format>& q, const std::vector<std::pair<std::string, nn::Parameter<T>*>>& ps) {
+  for (const auto& [name, p] : ps) {
+    const auto& m = q.at(name);
+    write_columns(*p, m.dequantize().data(), m.cols());
+  }
+}
+
+// A SwiGLU FFN (the dense FFN or one expert) on rows x (S, C): gate and up share scales scored by
+// the FFN's output, then w_down by its own output on the FFN's activations.
+template <class Format, class T>
+void awq_swiglu(const std::string& base, nn::SwiGluFfn<T>& ffn, const Tensor<float>& x,
+                QuantizedLinears<Format>& out, AwqReport* report) {
+  const Tensor<T> xt = to_model_type<T>(x);
+  typename nn::SwiGluFfn<T>::Saved ref_saved;
+  const Tensor<T> ref = ffn.forward(xt, ref_saved);
+  awq_group<Format, T>({base + "w_gate", base + "w_up"}, {&ffn.w_gate, &ffn.w_up}, x,
+                    [&] {
+                      typename nn::SwiGluFfn<T>::Saved s;
+                      return squared_difference(ffn.forward(xt, s), ref);
+                    },
+                    out, report);
+  const Calibration act{all_rows<T>({&ref_saved.act}, ffn.hidden())};
+  out.matrices.insert_or_assign(base + "w_down", quantize_padded<Format>(to_float(ffn.w_down.value), &act));
+}
+
+// The AWQ module search over the whole model (see the comment above AwqOptions).
+template <class Format, class Config>
+void awq_by_module(models::Decoder<Config, Cpu>& model, const CalibrationSet& cal,
+                   const AwqOptions& options, QuantizedLinears<Format>& out, AwqReport* report) {
+  using M = models::Decoder<Config, Cpu>;
+  using T = typename M::T;
+  using R = typename M::Resolved;
+  constexpr int64_t C = R::d_model;
+  const int64_t max_rows = cal.max_rows;
+  const size_t nb = cal.tokens.size();
+  // Every linear weight, to put back after a quantized_inputs search.
+  std::map<std::string, Tensor<T>> originals;
+  if (options.quantized_inputs)
+    model.visit_parameters([&](std::string_view name, nn::Parameter<T>& p) {
+      if (is_linear_weight(name)) originals.emplace(std::string(name), p.value.clone());
+    });
+  std::vector<Tensor<T>> h(nb);  // each batch's input of the current block (B, T, C)
+  for (size_t b = 0; b < nb; ++b) {
+    typename nn::Embedding<T>::Saved es;
+    h[b] = model.embedding().forward(cal.tokens[b], es);
+  }
+  model.for_each_block([&](int64_t l, auto& block) {
+    using Block = std::remove_cvref_t<decltype(block)>;
+    const std::string p = "layers." + std::to_string(l) + ".";
+    std::vector<typename Block::Saved> saved(nb);
+    std::vector<Tensor<T>> next(nb);
+    for (size_t b = 0; b < nb; ++b) next[b] = block.forward(h[b], saved[b]);
+
+    // q, k, v by the attention output on whole sequences; wo by its own output.
+    auto& attn = block.attn();
+    std::vector<const Tensor<T>*> xs;
+    std::vector<Tensor<T>> ref(nb);
+    for (size_t b = 0; b < nb; ++b) {
+      xs.push_back(&saved[b].attn.x);
+      typename Block::AttentionLayer::Saved s;
+      ref[b] = attn.forward(saved[b].attn.x, s);
+    }
+    const std::vector<std::string> qkv{p + "attn.wq", p + "attn.wk", p + "attn.wv"};
+    awq_group<Format, T>(qkv, {&attn.wq(), &attn.wk(), &attn.wv()}, all_rows<T>(xs, C),
+                      [&] {
+                        double e = 0;
+                        for (size_t b = 0; b < nb; ++b) {
+                          typename Block::AttentionLayer::Saved s;
+                          e += squared_difference(attn.forward(saved[b].attn.x, s), ref[b]);
+                        }
+                        return e;
+                      },
+                      out, report);
+    std::vector<const Tensor<T>*> os;
+    for (size_t b = 0; b < nb; ++b) os.push_back(&saved[b].attn.o);
+    const Calibration o_rows{sample_rows(all_rows<T>(os, R::heads * R::head_dim), R::heads * R::head_dim, max_rows)};
+    out.matrices.insert_or_assign(p + "attn.wo", quantize_padded<Format>(to_float(attn.wo().value), &o_rows));
+
+    if (options.quantized_inputs) {  // the FFN's search sees this block's quantised attention
+      load_some<Format, T>(out, {{qkv[0], &attn.wq()}, {qkv[1], &attn.wk()}, {qkv[2], &attn.wv()},
+                                 {p + "attn.wo", &attn.wo()}});
+      for (size_t b = 0; b < nb; ++b) next[b] = block.forward(h[b], saved[b]);
+    }
+
+    // The FFN: gate and up by the FFN's (each expert's) output, w_down by its own.
+    auto& ffn = block.ffn();
+    std::vector<std::pair<std::string, nn::Parameter<T>*>> ffn_params;
+    auto swiglu = [&](const std::string& base, nn::SwiGluFfn<T>& f, const Tensor<float>& rows) {
+      awq_swiglu<Format>(base, f, sample_rows(rows, C, max_rows), out, report);
+      ffn_params.emplace_back(base + "w_gate", &f.w_gate);
+      ffn_params.emplace_back(base + "w_up", &f.w_up);
+      ffn_params.emplace_back(base + "w_down", &f.w_down);
+    };
+    if constexpr (requires { saved[0].ffn.expert_saved; }) {
+      std::vector<const Tensor<T>*> tokens_in;
+      for (size_t b = 0; b < nb; ++b) tokens_in.push_back(&saved[b].ffn.route.x);
+      const Tensor<float> all_tokens = all_rows<T>(tokens_in, C);
+      for (int e = 0; e < Block::FfnLayer::kExperts; ++e) {
+        std::vector<const Tensor<T>*> routed;
+        for (size_t b = 0; b < nb; ++b)
+          if (saved[b].ffn.expert_saved.size() > static_cast<size_t>(e) &&
+              saved[b].ffn.expert_saved[static_cast<size_t>(e)].x.numel() > 0)
+            routed.push_back(&saved[b].ffn.expert_saved[static_cast<size_t>(e)].x);
+        // An expert no calibration token reached: the layer's tokens, the inputs it may get.
+        swiglu(p + "ffn.experts." + std::to_string(e) + ".", ffn.expert(e),
+               routed.empty() ? all_tokens.clone() : all_rows<T>(routed, C));
+      }
+      for (int e = 0; e < Block::FfnLayer::kShared; ++e)
+        swiglu(p + "ffn.shared_experts." + std::to_string(e) + ".", ffn.shared_expert(e), all_tokens);
+    } else {
+      std::vector<const Tensor<T>*> rows;
+      for (size_t b = 0; b < nb; ++b) rows.push_back(&saved[b].ffn.x);
+      swiglu(p + "ffn.", ffn, all_rows<T>(rows, C));
+    }
+    if (options.quantized_inputs) {  // the next block's search sees this block quantised
+      load_some<Format, T>(out, ffn_params);
+      for (size_t b = 0; b < nb; ++b) {
+        typename Block::Saved s;
+        next[b] = block.forward(h[b], s);
+      }
+    }
+    h = std::move(next);
+  });
+  // The head on the final-normed hidden states.
+  std::vector<Tensor<T>> hidden(nb);
+  std::vector<const Tensor<T>*> hs;
+  for (size_t b = 0; b < nb; ++b) {
+    typename nn::RMSNorm<T>::Saved ns;
+    hidden[b] = model.final_norm().forward(h[b], ns);
+    hs.push_back(&hidden[b]);
+  }
+  const Tensor<float> head_rows = sample_rows(all_rows<T>(hs, C), C, max_rows);
+  const Tensor<T> head_in = to_model_type<T>(head_rows);
+  nn::Parameter<T>& head = model.lm_head_weight();
+  const Tensor<T> ref_logits = ops::linear<T>(head_in, head.value);
+  awq_group<Format, T>({std::string(kHeadName)}, {&head}, head_rows,
+                       [&] { return kl_divergence(ref_logits, ops::linear<T>(head_in, head.value)); },
+                       out, report);
+  if (options.quantized_inputs)
+    model.visit_parameters([&](std::string_view name, nn::Parameter<T>& p) {
+      if (auto it = originals.find(std::string(name)); it != originals.end()) p.value = std::move(it->second);
+    });
+}
+
+}  // namespace model_quant_detail
+
 // Quantises every linear weight of `model`. Formats that need calibration (AWQ) throw, naming
-// the weight, when `calibration` lacks its rows; an expert that no calibration token reached is
-// quantised with the rows of a sibling expert of its layer (same product), else the format's
-// own error says what is missing.
+// the weight, when `calibration` lacks its rows. AWQ with the module objective (the default,
+// see AwqOptions) reruns the blocks on calibration->tokens; a CalibrationSet without tokens (rows
+// gathered by hand) falls back to the per-product search. In the per-product search an expert
+// that no calibration token reached is quantised with the rows of a sibling expert of its layer
+// (same product), else the format's own error says what is missing. `model` is left as it was.
+// report (AWQ with the module objective): what each group of shared-scale products chose.
 template <class Format, class Config>
 QuantizedLinears<Format> quantize_linears(models::Decoder<Config, Cpu>& model,
-                                          const CalibrationSet* calibration = nullptr) {
+                                          const CalibrationSet* calibration = nullptr,
+                                          const AwqOptions& options = {},
+                                          AwqReport* report = nullptr) {
   using namespace model_quant_detail;
   QuantizedLinears<Format> out;
+  if constexpr (is_awq_v<Format>) {
+    if (calibration && options.module_objective && !calibration->tokens.empty()) {
+      awq_by_module(model, *calibration, options, out, report);
+      return out;
+    }
+  }
   auto one = [&](const std::string& name, const Tensor<float>& w) {
     const Calibration* cal = calibration ? calibration->find(name) : nullptr;
     if (calibration && !cal && name.find(".experts.") != std::string::npos) {
@@ -239,14 +613,7 @@ QuantizedLinears<Format> quantize_linears(models::Decoder<Config, Cpu>& model,
         }
     }
     try {
-      const int64_t kp = padded_cols<Format>(w.dim(1));
-      if (kp != w.dim(1)) {
-        Calibration padded;
-        if (cal) padded.x = pad_columns(cal->x, kp);
-        out.matrices.emplace(name, quantize<Format>(pad_columns(w, kp), cal ? &padded : nullptr));
-        return;
-      }
-      out.matrices.emplace(name, quantize<Format>(w, cal));
+      out.matrices.emplace(name, quantize_padded<Format>(w, cal));
     } catch (const Error& e) {
       fail("quantize_linears: weight '", name, "': ", e.what());
     }

@@ -29,6 +29,9 @@
 //            calibration rows, where Weff(α) = Q(W·diag(s)) diag(1/s) is what the product uses
 // α = 0 gives s = 1 exactly, i.e. plain RTN, and a larger α is only taken when it is strictly
 // better, so AWQ's error on the calibration rows is never above RTN's.
+// That is quantize<Int4AWQ>'s search, one product alone. A whole model (quant/model_quant.hpp)
+// scores α by the output of the module the products feed instead, one s shared by the products
+// that read the same input, and builds each matrix with quantize_awq_with_scales.
 //
 // Storage, so a caller can write it to a file and read it back (from_parts):
 //   data()                 N·K elements (float, bf16, fp8_e4m3) or N·K/G Int4Block<G> blocks,
@@ -131,6 +134,15 @@ class QuantizedMatrix;
 // W (N, K) row-major into Format. cal: calibration rows (S, K), required by AWQ, ignored else.
 template <WeightFormat Format>
 QuantizedMatrix<Format> quantize(TensorView<const float, Cpu> w, const Calibration* cal = nullptr);
+
+// AWQ with the input scales s (K values > 0) given instead of searched: the blocks of W·diag(s)
+// and 1/s, then, when clip_rows (S, K) are given, the clip search on them (detail::awq_clip).
+// alpha is what awq_alpha() reports. quant/model_quant.hpp uses it to give every product that
+// reads one input (q, k, v; gate, up) the one scale vector searched on their module's output.
+template <WeightFormat Format>
+QuantizedMatrix<Format> quantize_awq_with_scales(TensorView<const float, Cpu> w,
+                                                 std::span<const float> s, float alpha,
+                                                 const Calibration* clip_rows = nullptr);
 
 template <WeightFormat Format>
 class QuantizedMatrix {
@@ -239,6 +251,10 @@ class QuantizedMatrix {
  private:
   template <WeightFormat F>
   friend QuantizedMatrix<F> quantize(TensorView<const float, Cpu> w, const Calibration* cal);
+  template <WeightFormat F>
+  friend QuantizedMatrix<F> quantize_awq_with_scales(TensorView<const float, Cpu> w,
+                                                     std::span<const float> s, float alpha,
+                                                     const Calibration* clip_rows);
 
   static void check_shape(const char* who, std::int64_t rows, std::int64_t cols) {
     TESSERA_CHECK(rows > 0 && cols > 0, who, "<", Format::kName, ">: the matrix is (", rows, ", ",
@@ -361,6 +377,38 @@ inline void awq_scales(const std::vector<float>& a, float alpha, std::vector<flo
   }
 }
 
+// a_c = mean over the rows of |x_c| (x (samples, k)), in double, clamped at 1e-4 as the reference
+// does, so that a silent channel still gets a finite scale.
+inline std::vector<float> awq_channel_means(const float* x, std::int64_t samples, std::int64_t k,
+                                            const char* who) {
+  std::vector<double> sum(static_cast<std::size_t>(k), 0.0);
+  for (std::int64_t r = 0; r < samples; ++r)
+    for (std::int64_t c = 0; c < k; ++c) {
+      const float v = x[r * k + c];
+      TESSERA_CHECK(std::isfinite(v), who, ": calibration x[", r, ", ", c, "] = ", v,
+                    " is not finite");
+      sum[static_cast<std::size_t>(c)] += std::abs(static_cast<double>(v));
+    }
+  std::vector<float> a(static_cast<std::size_t>(k));
+  for (std::int64_t c = 0; c < k; ++c)
+    a[static_cast<std::size_t>(c)] = std::max(
+        static_cast<float>(sum[static_cast<std::size_t>(c)] / static_cast<double>(samples)), 1e-4f);
+  return a;
+}
+
+// The weight a product with input scales s multiplies by, Q(W·diag(s))·diag(1/s), into out
+// (n, k): the value QuantizedMatrix<Int4AWQ>::dequantize() gives for those scales without clipping.
+template <int G>
+void awq_effective(const float* w, std::int64_t n, std::int64_t k, std::span<const float> s,
+                   float* out) {
+  std::vector<float> scaled(static_cast<std::size_t>(n * k));
+  for (std::int64_t i = 0; i < n * k; ++i)
+    scaled[static_cast<std::size_t>(i)] = w[i] * s[static_cast<std::size_t>(i % k)];
+  const std::vector<Int4Block<G>> blocks = quantize_int4<G>(scaled.data(), n * k, Int4Mode::kAsymmetric);
+  dequantize_int4(blocks, out);
+  for (std::int64_t i = 0; i < n * k; ++i) out[i] *= 1.0f / s[static_cast<std::size_t>(i % k)];
+}
+
 }  // namespace detail
 
 template <WeightFormat Format>
@@ -398,47 +446,70 @@ QuantizedMatrix<Format> quantize(TensorView<const float, Cpu> w, const Calibrati
     TESSERA_CHECK(x.rank() == 2 && x.dim(1) == k && x.dim(0) > 0, "quantize<int4_awq>: "
                   "calibration x has shape ", x.shape(), "; expected (S, ", k, ") with S > 0");
     const std::int64_t samples = x.dim(0);
-    std::vector<float> a(static_cast<std::size_t>(k));
-    for (std::int64_t c = 0; c < k; ++c) {
-      double sum = 0;
-      for (std::int64_t s = 0; s < samples; ++s) {
-        const float v = x.data()[s * k + c];
-        TESSERA_CHECK(std::isfinite(v), "quantize<int4_awq>: calibration x[", s, ", ", c,
-                      "] = ", v, " is not finite");
-        sum += std::abs(static_cast<double>(v));
-      }
-      // The reference clamps at 1e-4 so that a silent channel gets a finite scale.
-      a[static_cast<std::size_t>(c)] = std::max(static_cast<float>(sum / static_cast<double>(samples)), 1e-4f);
-    }
-    std::vector<float> s, s_inv, scaled(static_cast<std::size_t>(n * k)),
-        weff(static_cast<std::size_t>(n * k));
+    const std::vector<float> a = detail::awq_channel_means(x.data(), samples, k, "quantize<int4_awq>");
+    std::vector<float> s, s_inv, weff(static_cast<std::size_t>(n * k));
     double best = 0;
+    float best_alpha = 0;
     std::vector<float> best_s;
     for (int g = 0; g < kAwqGrid; ++g) {
       const float alpha = static_cast<float>(g) / kAwqGrid;
       detail::awq_scales(a, alpha, s, s_inv);
-      for (std::int64_t i = 0; i < n * k; ++i) scaled[static_cast<std::size_t>(i)] = pw[i] * s[static_cast<std::size_t>(i % k)];
-      std::vector<Int4Block<Format::kGroup>> blocks =
-          quantize_int4<Format::kGroup>(scaled.data(), n * k, Int4Mode::kAsymmetric);
-      dequantize_int4(blocks, weff.data());
-      for (std::int64_t i = 0; i < n * k; ++i) weff[static_cast<std::size_t>(i)] *= s_inv[static_cast<std::size_t>(i % k)];
+      detail::awq_effective<Format::kGroup>(pw, n, k, s, weff.data());
       const double err = detail::awq_output_error(pw, weff.data(), n, k, x.data(), samples);
       // Strictly better only: ties keep the smaller α (α = 0 is plain RTN).
       if (g == 0 || err < best) {
         best = err;
-        m.alpha_ = alpha;
-        m.data_ = std::move(blocks);
-        m.input_scales_inv_ = s_inv;
+        best_alpha = alpha;
         best_s = s;
       }
     }
     // Then the clipping search on the chosen scales (see detail::awq_clip).
-    for (std::int64_t i = 0; i < n * k; ++i)
-      scaled[static_cast<std::size_t>(i)] = pw[i] * best_s[static_cast<std::size_t>(i % k)];
+    return quantize_awq_with_scales<Format>(w, best_s, best_alpha, cal);
+  }
+  return m;
+}
+
+template <WeightFormat Format>
+QuantizedMatrix<Format> quantize_awq_with_scales(TensorView<const float, Cpu> w,
+                                                 std::span<const float> s, float alpha,
+                                                 const Calibration* clip_rows) {
+  using M = QuantizedMatrix<Format>;
+  static_assert(is_awq_v<Format>, "quantize_awq_with_scales: the format must be Int4AWQ<G>");
+  constexpr int G = Format::kGroup;
+  TESSERA_CHECK(w.rank() == 2, "quantize_awq_with_scales: W has shape ", w.shape(),
+                "; expected (N, K) = (out, in)");
+  const std::int64_t n = w.dim(0), k = w.dim(1);
+  M::check_shape("quantize_awq_with_scales", n, k);
+  TESSERA_CHECK(static_cast<std::int64_t>(s.size()) == k, "quantize_awq_with_scales: ", s.size(),
+                " input scales for K = ", k);
+  for (std::size_t c = 0; c < s.size(); ++c)
+    TESSERA_CHECK(std::isfinite(s[c]) && s[c] > 0.0f, "quantize_awq_with_scales: s[", c, "] = ",
+                  s[c], " must be finite and > 0");
+  const Tensor<float> dense = w.contiguous();
+  const float* pw = dense.data();
+  for (std::int64_t i = 0; i < n * k; ++i)
+    TESSERA_CHECK(std::isfinite(pw[i]), "quantize_awq_with_scales: W[", i / k, ", ", i % k, "] = ",
+                  pw[i], " is not finite; a weight with inf or NaN cannot be quantised");
+  M m;
+  m.rows_ = n;
+  m.cols_ = k;
+  m.alpha_ = alpha;
+  m.input_scales_inv_.resize(static_cast<std::size_t>(k));
+  for (std::int64_t c = 0; c < k; ++c)
+    m.input_scales_inv_[static_cast<std::size_t>(c)] = 1.0f / s[static_cast<std::size_t>(c)];
+  std::vector<float> scaled(static_cast<std::size_t>(n * k));
+  for (std::int64_t i = 0; i < n * k; ++i)
+    scaled[static_cast<std::size_t>(i)] = pw[i] * s[static_cast<std::size_t>(i % k)];
+  m.data_ = quantize_int4<G>(scaled.data(), n * k, Int4Mode::kAsymmetric);
+  if (clip_rows) {
+    const Tensor<float>& x = clip_rows->x;
+    TESSERA_CHECK(x.rank() == 2 && x.dim(1) == k && x.dim(0) > 0, "quantize_awq_with_scales: "
+                  "clip rows have shape ", x.shape(), "; expected (S, ", k, ") with S > 0");
+    const std::int64_t samples = x.dim(0);
     std::vector<float> xs(static_cast<std::size_t>(samples * k));
     for (std::int64_t i = 0; i < samples * k; ++i)
       xs[static_cast<std::size_t>(i)] = x.data()[i] * m.input_scales_inv_[static_cast<std::size_t>(i % k)];
-    detail::awq_clip<Format::kGroup>(scaled.data(), n, k, xs.data(), samples, m.data_);
+    detail::awq_clip<G>(scaled.data(), n, k, xs.data(), samples, m.data_);
   }
   return m;
 }
