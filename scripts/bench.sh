@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-cmake --preset release -DTESSERA_BUILD_BENCHMARKS=ON
+cmake --preset release -DTESSERA_BUILD_BENCHMARKS=ON -DTESSERA_QUICK_EXAMPLES=OFF
 cmake --build --preset release
 cmake --build --preset release --target quantize_model
 ls build/release/benchmarks | grep -v -e '\.' -e CMakeFiles -e Makefile || true
