@@ -157,15 +157,8 @@ Decoded<C> decode_checked(std::string_view name, const std::vector<int32_t>& seq
         m, std::span<const int32_t>(seq.data() + pos, static_cast<std::size_t>(chunk)), d.cache,
         true);  // (chunk, V)
     BOOST_REQUIRE_EQUAL(logits.dim(0), chunk);
-    for (int64_t t = 0; t < chunk; ++t) {
-      const float* a = logits.data() + t * V;
-      const float* b = full.data() + (pos + t) * V;
-      for (int64_t v = 0; v < V; ++v) {
-        worst = std::max(worst, std::abs(static_cast<double>(a[v]) - b[v]));
-        scale = std::max(scale, std::abs(static_cast<double>(b[v])));
-      }
-      argmax_differs += inf::argmax(std::span(a, V)) != inf::argmax(std::span(b, V));
-    }
+    argmax_differs +=
+        ts::test::compare_logit_rows(logits.data(), full.data(), pos, chunk, V, worst, scale);
     pos += chunk;
     const int64_t after = blocks_touching(pos, bt, pos, keep);
     if (d.pool->high_water() != during || d.pool->blocks_in_use() != after ||
