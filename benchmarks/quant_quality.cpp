@@ -1,7 +1,7 @@
 // quant_quality — what weight quantisation costs in quality, on real text: perplexity of
 // held-out English (King James Bible, fortunes) with the weights in FP32, BF16, FP8 (E4M3, a
-// scale per output channel), INT4 round-to-nearest and INT4 AWQ (both group 64 unless --group says otherwise; a K
-// that is not a multiple of the group is padded, quant/model_quant.hpp), for
+// scale per output channel), INT4 round-to-nearest and INT4 AWQ (both group 64 unless --group names
+// other sizes; a K that is not a multiple of the group is padded, quant/model_quant.hpp), for
 //   * SmolLM2-135M-Instruct (its shipped Q4_1 weights dequantised to FP32 are the reference), and
 //   * the flagship R1 model of examples/train_r1 (when a run directory is given).
 // Beside perplexity, each row reports how closely the quantised model tracks the fp32 one on the
@@ -14,7 +14,7 @@
 // Calibration (AWQ only) uses other text than the evaluation: Genesis 1-4 and the fortunes file
 // `computers`; evaluation: Matthew 5-7 and the fortunes files `wisdom` and `literature`.
 //
-//   build/release/benchmarks/quant_quality [--tokens N] [--r1-run DIR] [--no-smollm2] [--group 64]
+//   build/release/benchmarks/quant_quality [--tokens N] [--r1-run DIR] [--no-smollm2] [--group 32,64,128]
 //                                          [--calibration-windows 8] [--calibration-rows N]
 // docs/quantization.md records the table.
 #include <tessera/data/clean/normalize.hpp>
@@ -33,6 +33,8 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <numeric>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -110,6 +112,7 @@ struct Row {
   std::string format;
   double bits_per_weight, ppl_kjv, ppl_fortunes, seconds;
   double kl = 0, top1 = 1;  // against the fp32 model, both texts
+  std::vector<double> window_nll;  // mean loss per token of each window, both texts
 };
 
 // How closely a quantised model tracks the fp32 one on a text: the mean over predicted tokens of
@@ -121,7 +124,8 @@ struct Row {
 template <class Config>
 std::pair<double, int64_t> kl_to_reference(const ts::Decoder<Config>& model,
                                            const std::vector<int32_t>& tokens, int64_t window,
-                                           std::vector<float>& ref, int64_t& same_top1) {
+                                           std::vector<float>& ref, int64_t& same_top1,
+                                           std::vector<double>& window_nll) {
   using M = ts::Decoder<Config>;
   constexpr int64_t V = M::Resolved::vocab;
   const int64_t windows = (static_cast<int64_t>(tokens.size()) - 1) / window;
@@ -142,6 +146,9 @@ std::pair<double, int64_t> kl_to_reference(const ts::Decoder<Config>& model,
       for (int64_t v = 1; v < V; ++v) m = std::max(m, static_cast<double>(l[v]));
       for (int64_t v = 0; v < V; ++v) z += std::exp(static_cast<double>(l[v]) - m);
       const double lz = m + std::log(z);
+      if (r % window == 0) window_nll.push_back(0.0);
+      const int32_t target = tokens[static_cast<size_t>(w0 * window + r + 1)];
+      window_nll.back() += (lz - static_cast<double>(l[target])) / static_cast<double>(window);
       if (fill) {
         for (int64_t v = 0; v < V; ++v) p[v] = static_cast<float>(static_cast<double>(l[v]) - lz);
         ++same_top1;  // the reference itself
@@ -179,10 +186,15 @@ Row measure(const char* label, ts::Decoder<Config>& model, const q::CalibrationS
     q::load_effective_weights(model, ql);
   }
   Row r{label, bits, q::perplexity(model, t.kjv, window), q::perplexity(model, t.fortunes, window),
-        0.0};
+        0.0, 0.0, 1.0, {}};
   int64_t same = 0;
-  const auto [kl1, n1] = kl_to_reference(model, t.kjv, window, g_ref_kjv, same);
-  const auto [kl2, n2] = kl_to_reference(model, t.fortunes, window, g_ref_fortunes, same);
+  const auto [kl1, n1] = kl_to_reference(model, t.kjv, window, g_ref_kjv, same, r.window_nll);
+  // The per-window losses come from a second forward pass; they must give perplexity()'s figure.
+  const double kjv_from_windows =
+      std::exp(std::accumulate(r.window_nll.begin(), r.window_nll.end(), 0.0) / static_cast<double>(r.window_nll.size()));
+  TESSERA_CHECK(std::abs(kjv_from_windows / r.ppl_kjv - 1.0) < 1e-4, "quant_quality: per-window losses give perplexity ",
+                kjv_from_windows, ", perplexity() ", r.ppl_kjv);
+  const auto [kl2, n2] = kl_to_reference(model, t.fortunes, window, g_ref_fortunes, same, r.window_nll);
   r.kl = (kl1 + kl2) / static_cast<double>(n1 + n2);
   r.top1 = static_cast<double>(same) / static_cast<double>(n1 + n2);
   r.seconds = seconds_since(t0);
@@ -194,9 +206,43 @@ Row measure(const char* label, ts::Decoder<Config>& model, const q::CalibrationS
   return r;
 }
 
+// AWQ against RTN at one group size. Perplexity differences this small are noisy, so beside the
+// share of RTN's perplexity loss that AWQ removes it prints the paired difference in mean loss
+// per token (AWQ - RTN) over the evaluation windows with its standard error: the same windows
+// through both models, so what varies between windows is the text, and the error says whether
+// the sign of the difference could be the text's doing.
+void compare_awq_to_rtn(int group, const Row& fp32, const Row& rtn, const Row& awq) {
+  const double base = fp32.ppl_kjv + fp32.ppl_fortunes;
+  const double rtn_loss = rtn.ppl_kjv + rtn.ppl_fortunes - base;
+  const double awq_loss = awq.ppl_kjv + awq.ppl_fortunes - base;
+  const size_t n = rtn.window_nll.size();
+  TESSERA_CHECK(n >= 2 && awq.window_nll.size() == n && fp32.window_nll.size() == n,
+                "quant_quality: the rows were measured on different windows");
+  double mean = 0, mean_rtn = 0;
+  for (size_t w = 0; w < n; ++w) {
+    mean += awq.window_nll[w] - rtn.window_nll[w];
+    mean_rtn += rtn.window_nll[w] - fp32.window_nll[w];
+  }
+  mean /= static_cast<double>(n);
+  mean_rtn /= static_cast<double>(n);
+  double var = 0;
+  for (size_t w = 0; w < n; ++w) {
+    const double d = awq.window_nll[w] - rtn.window_nll[w] - mean;
+    var += d * d;
+  }
+  const double se = std::sqrt(var / static_cast<double>(n - 1) / static_cast<double>(n));
+  std::printf("  group %d, AWQ vs RTN: perplexity increase over fp32 (sum of both texts) %.3f vs %.3f: "
+              "AWQ removes %.0f%% of RTN's loss; KL to fp32 %.5f vs %.5f (%.0f%% lower)\n"
+              "    mean loss per token, AWQ - RTN: %+.5f +- %.5f nats (standard error over %zu "
+              "windows; RTN - fp32: %+.5f)\n",
+              group, awq_loss, rtn_loss, rtn_loss > 0 ? 100.0 * (rtn_loss - awq_loss) / rtn_loss : 0.0,
+              awq.kl, rtn.kl, 100.0 * (1.0 - awq.kl / rtn.kl), mean, se, n, mean_rtn);
+  std::fflush(stdout);
+}
+
 template <class Config>
 std::vector<Row> table(ts::Decoder<Config>& model, const Texts& t, int64_t window,
-                       int64_t calibration_rows, int group) {
+                       int64_t calibration_rows, const std::vector<int>& groups) {
   // Calibration: up to 8 windows of the calibration text through the reference model.
   const int64_t cal_windows = std::min<int64_t>(g_calibration_windows, static_cast<int64_t>(t.calibration.size()) / window);
   TESSERA_CHECK(cal_windows >= 1, "quant_quality: calibration text too short");
@@ -210,23 +256,21 @@ std::vector<Row> table(ts::Decoder<Config>& model, const Texts& t, int64_t windo
   rows.push_back(measure<void>("fp32 (reference)", model, cal, t, window, ref));
   rows.push_back(measure<q::BF16Weights>("bf16", model, cal, t, window, ref));
   rows.push_back(measure<q::FP8Weights>("fp8-e4m3", model, cal, t, window, ref));
-  if (group == 128) {
-    rows.push_back(measure<q::Int4RTN<128>>("int4-rtn-g128", model, cal, t, window, ref));
-    rows.push_back(measure<q::Int4AWQ<128>>("int4-awq-g128", model, cal, t, window, ref));
-  } else if (group == 32) {
-    rows.push_back(measure<q::Int4RTN<32>>("int4-rtn-g32", model, cal, t, window, ref));
-    rows.push_back(measure<q::Int4AWQ<32>>("int4-awq-g32", model, cal, t, window, ref));
-  } else {
-    rows.push_back(measure<q::Int4RTN<64>>("int4-rtn-g64", model, cal, t, window, ref));
-    rows.push_back(measure<q::Int4AWQ<64>>("int4-awq-g64", model, cal, t, window, ref));
+  for (const int group : groups) {
+    const size_t at = rows.size();
+    if (group == 128) {
+      rows.push_back(measure<q::Int4RTN<128>>("int4-rtn-g128", model, cal, t, window, ref));
+      rows.push_back(measure<q::Int4AWQ<128>>("int4-awq-g128", model, cal, t, window, ref));
+    } else if (group == 32) {
+      rows.push_back(measure<q::Int4RTN<32>>("int4-rtn-g32", model, cal, t, window, ref));
+      rows.push_back(measure<q::Int4AWQ<32>>("int4-awq-g32", model, cal, t, window, ref));
+    } else {
+      rows.push_back(measure<q::Int4RTN<64>>("int4-rtn-g64", model, cal, t, window, ref));
+      rows.push_back(measure<q::Int4AWQ<64>>("int4-awq-g64", model, cal, t, window, ref));
+    }
+    compare_awq_to_rtn(group, rows[0], rows[at], rows[at + 1]);
   }
   restore(model, ref);
-  const double rtn = rows[3].ppl_kjv + rows[3].ppl_fortunes, awq = rows[4].ppl_kjv + rows[4].ppl_fortunes;
-  const double base = rows[0].ppl_kjv + rows[0].ppl_fortunes;
-  std::printf("  AWQ vs RTN: perplexity increase over fp32 (sum of both texts) %.3f vs %.3f: AWQ "
-              "removes %.0f%% of RTN's loss; KL to fp32 %.5f vs %.5f (%.0f%% lower)\n",
-              awq - base, rtn - base, rtn > base ? 100.0 * (rtn - awq) / (rtn - base) : 0.0,
-              rows[4].kl, rows[3].kl, 100.0 * (1.0 - rows[4].kl / rows[3].kl));
   return rows;
 }
 
@@ -241,7 +285,7 @@ std::vector<int32_t> encode(const Tok& tok, const std::string& text) {
   return out;
 }
 
-void smollm2(size_t tokens, int group) {
+void smollm2(size_t tokens, const std::vector<int>& groups) {
   const fs::path path = ts::test::smollm2_gguf();
   if (path.empty()) return;
   std::printf("\nSmolLM2-135M-Instruct (%s), weights dequantised from Q4_1 to fp32 = reference\n",
@@ -257,11 +301,11 @@ void smollm2(size_t tokens, int group) {
   std::printf("  evaluation: %zu KJV tokens (Matthew 5-7), %zu fortunes tokens; windows of 256\n",
               t.kjv.size(), t.fortunes.size());
   // 128 calibration rows per matrix: AWQ's search costs rows x weights x 20 multiply-adds.
-  table(*model, t, 256, g_calibration_rows > 0 ? g_calibration_rows : 128, group);
+  table(*model, t, 256, g_calibration_rows > 0 ? g_calibration_rows : 128, groups);
 }
 
 // The flagship model from a train_r1 run directory: newest checkpoint, its tokenizer shards.
-void flagship(const fs::path& run, int group) {
+void flagship(const fs::path& run, const std::vector<int>& groups) {
   using namespace r1;
   std::printf("\nFlagship R1 model (examples/train_r1), run directory %s\n", run.string().c_str());
   const fs::path newest = r1::newest_checkpoint(run);
@@ -279,16 +323,47 @@ void flagship(const fs::path& run, int group) {
     const uint64_t at = w * (train.size() - 129) / cal_windows;
     for (uint64_t i = at; i < at + 128; ++i) t.calibration.push_back(static_cast<int32_t>(train[i]));
   }
-  // The validation split is one shard mixing all sources (Chinese and English): its two halves
-  // are two held-out samples.
-  const uint64_t half = val.size() / 2;
-  t.kjv_name = "val[0:half]";
-  t.fortunes_name = "val[half:]";
-  for (uint64_t i = 0; i < half; ++i) t.kjv.push_back(static_cast<int32_t>(val[i]));
-  for (uint64_t i = half; i < val.size(); ++i) t.fortunes.push_back(static_cast<int32_t>(val[i]));
-  std::printf("  checkpoint %s; evaluation: two halves of the validation split (%zu + %zu tokens); windows of 128\n",
-              newest.parent_path().filename().string().c_str(), t.kjv.size(), t.fortunes.size());
-  table(*fp32, t, 128, g_calibration_rows > 0 ? g_calibration_rows : 1024, group);
+  // The validation split holds every 20th document of train_r1's corpus in the corpus's order:
+  // Chinese poems and fortunes, then English fortunes, then the King James Bible one chapter per
+  // document (its first line a heading such as "1 Samuel 3"). The English documents are the
+  // held-out text evaluated here, as for SmolLM2: the Bible chapters, and the English fortunes.
+  const auto tok = ts::data::BpeTokenizer::from_file(run / "tokenizer.json");
+  const uint32_t eot = tok.special_token_id("<|endoftext|>");
+  std::vector<std::vector<int32_t>> docs(1);
+  for (uint64_t i = 0; i < val.size(); ++i) {
+    docs.back().push_back(static_cast<int32_t>(val[i]));
+    if (val[i] == eot) docs.emplace_back();
+  }
+  if (docs.back().empty()) docs.pop_back();
+  auto text_of = [&](const std::vector<int32_t>& d) {
+    std::vector<uint32_t> ids(d.begin(), d.end());
+    return tok.decode(ids, /*skip_special=*/true);
+  };
+  const std::regex chapter_heading("([1-3] )?[A-Z][a-z]+( of [A-Z][a-z]+)? [0-9]+\n[^]*");
+  size_t bible_from = docs.size();  // the trailing run of chapters
+  while (bible_from > 0 && std::regex_match(text_of(docs[bible_from - 1]), chapter_heading)) --bible_from;
+  size_t chinese = 0;
+  for (size_t d = 0; d < bible_from; ++d) {
+    const std::string s = text_of(docs[d]);
+    const auto wide = std::count_if(s.begin(), s.end(), [](char c) { return static_cast<unsigned char>(c) >= 0x80; });
+    if (4 * static_cast<size_t>(wide) > s.size()) {  // CJK text is 3 bytes >= 0x80 per character
+      ++chinese;
+      continue;
+    }
+    t.fortunes.insert(t.fortunes.end(), docs[d].begin(), docs[d].end());
+  }
+  for (size_t d = bible_from; d < docs.size(); ++d) t.kjv.insert(t.kjv.end(), docs[d].begin(), docs[d].end());
+  TESSERA_CHECK(t.kjv.size() > 1000 && t.fortunes.size() > 1000, "quant_quality: the validation split of ",
+                run.string(), " holds ", t.kjv.size(), " Bible and ", t.fortunes.size(),
+                " English fortune tokens; a train_r1 run over all three packages is needed");
+  t.kjv_name = "KJV (held out)";
+  t.fortunes_name = "fortunes (held out)";
+  std::printf("  checkpoint %s; evaluation: the validation split's English documents, %zu Bible chapters "
+              "(%zu tokens) and %zu fortunes (%zu tokens; its %zu Chinese documents are left out); "
+              "windows of 128\n",
+              newest.parent_path().filename().string().c_str(), docs.size() - bible_from, t.kjv.size(),
+              bible_from - chinese, t.fortunes.size(), chinese);
+  table(*fp32, t, 128, g_calibration_rows > 0 ? g_calibration_rows : 1024, groups);
 }
 
 }  // namespace
@@ -297,7 +372,7 @@ int main(int argc, char** argv) {
   size_t tokens = 4096;
   std::string r1_run;
   bool run_smollm2 = true;
-  int group = 64;
+  std::vector<int> groups{64};
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto val = [&]() -> std::string {
@@ -310,18 +385,31 @@ int main(int argc, char** argv) {
     if (a == "--tokens") tokens = static_cast<size_t>(std::stoul(val()));
     else if (a == "--r1-run") r1_run = val();
     else if (a == "--no-smollm2") run_smollm2 = false;
-    else if (a == "--group") group = std::stoi(val());
+    else if (a == "--group") {  // one size or a list: 32,64,128
+      groups.clear();
+      const std::string list = val();
+      for (size_t at = 0; at < list.size();) {
+        const size_t comma = std::min(list.find(',', at), list.size());
+        const std::string g = list.substr(at, comma - at);
+        if (g != "32" && g != "64" && g != "128") {
+          std::fprintf(stderr, "quant_quality: --group takes 32, 64 or 128 or a list of them (32,64,128), not '%s'\n", g.c_str());
+          return 2;
+        }
+        groups.push_back(std::stoi(g));
+        at = comma + 1;
+      }
+    }
     else if (a == "--calibration-windows") g_calibration_windows = std::stol(val());
     else if (a == "--calibration-rows") g_calibration_rows = std::stol(val());
     else {
-      std::fprintf(stderr, "usage: quant_quality [--tokens N] [--r1-run DIR] [--no-smollm2] [--group 32|64|128]\n"
+      std::fprintf(stderr, "usage: quant_quality [--tokens N] [--r1-run DIR] [--no-smollm2] [--group 32|64|128|32,64,128]\n"
                    "                     [--calibration-windows 8] [--calibration-rows N]\n");
       return 2;
     }
   }
   try {
-    if (run_smollm2) smollm2(tokens, group);
-    if (!r1_run.empty()) flagship(r1_run, group);
+    if (run_smollm2) smollm2(tokens, groups);
+    if (!r1_run.empty()) flagship(r1_run, groups);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "quant_quality: %s\n", e.what());
     return 1;
