@@ -1,7 +1,8 @@
 // quant_quality — what weight quantisation costs in quality, on real text: perplexity of
 // held-out English (King James Bible, fortunes) with the weights in FP32, BF16, FP8 (E4M3, a
-// scale per output channel), INT4 round-to-nearest and INT4 AWQ (both group 64 unless --group names
-// other sizes; a K that is not a multiple of the group is padded, quant/model_quant.hpp), for
+// scale per output channel, and a scale per block of 128 weights of a row), INT4
+// round-to-nearest and INT4 AWQ (both group 64 unless --group names other sizes; a K that is not
+// a multiple of the group or block is padded, quant/model_quant.hpp), for
 //   * SmolLM2-135M-Instruct (its shipped Q4_1 weights dequantised to FP32 are the reference), and
 //   * the flagship R1 model of examples/train_r1 (when a run directory is given).
 // Beside perplexity, each row reports how closely the quantised model tracks the fp32 one on the
@@ -256,6 +257,7 @@ std::vector<Row> table(ts::Decoder<Config>& model, const Texts& t, int64_t windo
   rows.push_back(measure<void>("fp32 (reference)", model, cal, t, window, ref));
   rows.push_back(measure<q::BF16Weights>("bf16", model, cal, t, window, ref));
   rows.push_back(measure<q::FP8Weights>("fp8-e4m3", model, cal, t, window, ref));
+  rows.push_back(measure<q::FP8BlockWeights<128>>("fp8-e4m3-b128", model, cal, t, window, ref));
   for (const int group : groups) {
     const size_t at = rows.size();
     if (group == 128) {

@@ -50,7 +50,7 @@ struct Options {
   std::fprintf(stderr,
                "complete_r1: %s\nusage: complete_r1 [--run-dir DIR] [--prompt TEXT] [--max-tokens N]\n"
                "                   [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
-               "                   [--quantized FILE --format bf16|fp8|int4-rtn-G|int4-awq-G]\n",
+               "                   [--quantized FILE --format bf16|fp8|fp8-block-128|int4-rtn-G|int4-awq-G]\n",
                why.c_str());
   std::exit(2);
 }
@@ -164,12 +164,14 @@ int main(int argc, char** argv) {
       complete_quantized<ts::quant::BF16Weights>(*model, prompt, tok, o);
     } else if (o.format == "fp8") {
       complete_quantized<ts::quant::FP8Weights>(*model, prompt, tok, o);
+    } else if (o.format == "fp8-block-128") {
+      complete_quantized<ts::quant::FP8BlockWeights<128>>(*model, prompt, tok, o);
     } else if (o.format == "int4-rtn-64") {
       complete_quantized<ts::quant::Int4RTN<64>>(*model, prompt, tok, o);
     } else if (o.format == "int4-awq-64") {
       complete_quantized<ts::quant::Int4AWQ<64>>(*model, prompt, tok, o);
     } else {
-      usage("--format must be bf16, fp8, int4-rtn-64 or int4-awq-64 (what quantize_model wrote)");
+      usage("--format must be bf16, fp8, fp8-block-128, int4-rtn-64 or int4-awq-64 (what quantize_model wrote)");
     }
     std::cout << std::endl;
   } catch (const std::exception& e) {

@@ -21,7 +21,8 @@
 //   4. the file is written (quant/model_quant.hpp: save_quantized lists its layout) and the
 //      perplexity of the calibration text is printed for the original and the quantised
 //      weights, a quick sanity check that the conversion kept the model working.
-// Formats: bf16, fp8 (E4M3, a scale per output channel), int4-rtn-G and int4-awq-G with group
+// Formats: bf16, fp8 (E4M3, a scale per output channel), fp8-block-128 (E4M3, a scale per 128
+// weights of a row), int4-rtn-G and int4-awq-G with group
 // G = 32, 64 or 128. docs/quantization.md explains them.
 #include <tessera/io/gguf.hpp>
 #include <tessera/io/gguf_llama.hpp>
@@ -61,7 +62,7 @@ struct Options {
                "usage: quantize_model --model r1 --checkpoint FILE.safetensors --tokenizer FILE.json\n"
                "                      | --model smollm2 --gguf FILE.gguf\n"
                "                      --calibration TEXT [--calibration TEXT ...] [--windows N]\n"
-               "                      --format bf16|fp8|int4-rtn-G|int4-awq-G (G = 32, 64, 128)\n"
+               "                      --format bf16|fp8|fp8-block-128|int4-rtn-G|int4-awq-G (G = 32, 64, 128)\n"
                "                      --out FILE.safetensors\n",
                why);
   std::exit(2);
@@ -148,6 +149,7 @@ template <class F>
 void with_format(const std::string& name, F&& f) {
   if (name == "bf16") return f.template operator()<q::BF16Weights>();
   if (name == "fp8") return f.template operator()<q::FP8Weights>();
+  if (name == "fp8-block-128") return f.template operator()<q::FP8BlockWeights<128>>();
   if (name == "int4-rtn-32") return f.template operator()<q::Int4RTN<32>>();
   if (name == "int4-rtn-64") return f.template operator()<q::Int4RTN<64>>();
   if (name == "int4-rtn-128") return f.template operator()<q::Int4RTN<128>>();

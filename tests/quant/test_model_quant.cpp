@@ -170,6 +170,8 @@ BOOST_AUTO_TEST_CASE(quantised_files_read_back_bit_for_bit) {
   round_trip<q::Int4AWQ<32>, TinyMoE>("awq.safetensors");
   round_trip<q::Int4RTN<32>, TinyTied>("rtn_tied.safetensors");
   round_trip<q::FP8Weights, TinyMoE>("fp8.safetensors");
+  // Blocks of 64: the dense w_down (K = 96) and the experts (K = 32) are stored padded.
+  round_trip<q::FP8BlockWeights<64>, TinyMoE>("fp8_blocks.safetensors");
   // Group 64 does not divide the dense w_down's K = 96 or the experts' K = 32: stored padded.
   round_trip<q::Int4AWQ<64>, TinyMoE>("awq_padded.safetensors");
 }
@@ -183,6 +185,7 @@ BOOST_AUTO_TEST_CASE(a_k_that_is_not_a_multiple_of_the_group_is_padded_with_zero
   BOOST_TEST(down.cols() == 128);
   BOOST_TEST(q::padded_cols<q::Int4RTN<64>>(96) == 128);
   BOOST_TEST(q::padded_cols<q::FP8Weights>(96) == 96);
+  BOOST_TEST(q::padded_cols<q::FP8BlockWeights<64>>(96) == 128);
   // The first 96 columns are what quantising the rows with zeros appended gives (the second
   // group of each row holds 32 weights and 32 zeros).
   ts::Tensor<float> w(ts::Shape{64, 128});
@@ -289,6 +292,7 @@ BOOST_AUTO_TEST_CASE(decoding_through_the_packed_matrices) {
   decode_matches_effective_weights<q::Int4AWQ<64>, TinyDenseTied>();  // w_down padded 96 -> 128
   decode_matches_effective_weights<q::Int4RTN<32>, TinyDenseTied>();
   decode_matches_effective_weights<q::FP8Weights, TinyDenseTied>();
+  decode_matches_effective_weights<q::FP8BlockWeights<64>, TinyDenseTied>();  // w_down padded
   decode_matches_effective_weights<q::BF16Weights, TinyMoE>();
 }
 
@@ -340,6 +344,7 @@ BOOST_AUTO_TEST_CASE(stacked_products_are_the_separate_products) {
   stacked_products_equal_separate_ones<q::Int4RTN<32>>();
   stacked_products_equal_separate_ones<q::Int4AWQ<64>>();
   stacked_products_equal_separate_ones<q::FP8Weights>();
+  stacked_products_equal_separate_ones<q::FP8BlockWeights<64>>();
 }
 
 // An MoE block's experts (routed and shared) are multiplied from the packed matrices

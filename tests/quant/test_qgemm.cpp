@@ -352,11 +352,12 @@ void check_all(std::initializer_list<std::int64_t> ks) {
   }
   // Other formats run kAvx512's kernels on kAvx512Vnni: the same bits.
   if (!is_int4_v<F> && path_available(KernelPath::kAvx512Vnni)) {
-    const auto q = make<F>(37, 100, kSeed + 31);
-    const std::vector<float> x = strided_x(6, 100, 100, kSeed + 32);
+    constexpr std::int64_t k = k_multiple<F>() > 1 ? 4 * k_multiple<F>() : 100;
+    const auto q = make<F>(37, k, kSeed + 31);
+    const std::vector<float> x = strided_x(6, k, k, kSeed + 32);
     std::vector<float> a(6 * 37), b(6 * 37);
-    matmul_via(KernelPath::kAvx512, x.data(), 6, 100, q, a.data(), 37);
-    matmul_via(KernelPath::kAvx512Vnni, x.data(), 6, 100, q, b.data(), 37);
+    matmul_via(KernelPath::kAvx512, x.data(), 6, k, q, a.data(), 37);
+    matmul_via(KernelPath::kAvx512Vnni, x.data(), 6, k, q, b.data(), 37);
     BOOST_TEST(std::memcmp(a.data(), b.data(), a.size() * 4) == 0);
   }
 }
@@ -374,6 +375,11 @@ BOOST_AUTO_TEST_CASE(kernel_paths_on_this_machine) {
 BOOST_AUTO_TEST_CASE(fp32_every_path) { check_all<FP32Weights>({7, 100, 384}); }
 BOOST_AUTO_TEST_CASE(bf16_every_path) { check_all<BF16Weights>({7, 100, 384}); }
 BOOST_AUTO_TEST_CASE(fp8_every_path) { check_all<FP8Weights>({7, 100, 384}); }
+// A block of 32 is one AVX-512 k-step and two AVX2 steps; a block of 128 spans four and eight.
+BOOST_AUTO_TEST_CASE(fp8_blocks_every_path) {
+  check_all<FP8BlockWeights<32>>({32, 96, 384});
+  for (KernelPath path : available_paths()) check_shapes<FP8BlockWeights<128>>(path, {128, 384});
+}
 BOOST_AUTO_TEST_CASE(int4_rtn32_every_path) { check_all<Int4RTN<32>>({32, 96, 384}); }
 BOOST_AUTO_TEST_CASE(int4_awq128_every_path) { check_all<Int4AWQ<128>>({128, 384}); }
 

@@ -197,11 +197,8 @@ struct QuantizedLinears {
 // product appends to its input) and their few bytes are counted in bytes().
 template <class Format>
 constexpr int64_t padded_cols(int64_t k) {
-  if constexpr (is_int4_v<Format>) {
-    return (k + Format::kGroup - 1) / Format::kGroup * Format::kGroup;
-  } else {
-    return k;
-  }
+  constexpr int64_t m = k_multiple<Format>();
+  return (k + m - 1) / m * m;
 }
 
 namespace model_quant_detail {
@@ -691,9 +688,10 @@ double perplexity(const models::Decoder<Config, Cpu>& model, std::span<const int
 //          .scale and .zero (F32, (N, K/G): value = code * scale + zero), and for AWQ
 //          .input_scale_inv (F32, (K): the product multiplies activations by it first);
 //   fp8:   .fp8 (F8_E4M3, (N, K)) and .scale (F32, (N): one per output channel);
+//   fp8 blocks of B: .fp8 (F8_E4M3, (N, K)) and .scale (F32, (N, K/B): one per block of a row);
 //   bf16:  .bf16 (BF16, (N, K));  fp32: .f32 (F32, (N, K)).
-// Metadata "tessera.quant.format" names the format ("int4_awq", group in
-// "tessera.quant.group"), so a file is refused when read as another format.
+// Metadata "tessera.quant.format" names the format ("int4_awq-g64", "fp8_e4m3_block-b128"), so a
+// file is refused when read as another format.
 
 namespace model_quant_detail {
 
@@ -701,6 +699,8 @@ template <class Format>
 std::string format_label() {
   if constexpr (is_int4_v<Format>) {
     return std::string(Format::kName) + "-g" + std::to_string(Format::kGroup);
+  } else if constexpr (is_fp8_block_v<Format>) {
+    return std::string(Format::kName) + "-b" + std::to_string(Format::kBlock);
   } else {
     return Format::kName;
   }
@@ -748,6 +748,11 @@ void add_matrix(Parts& parts, const std::string& name, const QuantizedMatrix<For
     const auto s = m.row_scales();
     parts.add(name + ".fp8", io::Dtype::F8_E4M3, {N, K}, std::vector<fp8_e4m3>(d.begin(), d.end()));
     parts.add(name + ".scale", io::Dtype::F32, {N}, std::vector<float>(s.begin(), s.end()));
+  } else if constexpr (is_fp8_block_v<Format>) {
+    const auto d = m.data();
+    const auto s = m.row_scales();
+    parts.add(name + ".fp8", io::Dtype::F8_E4M3, {N, K}, std::vector<fp8_e4m3>(d.begin(), d.end()));
+    parts.add(name + ".scale", io::Dtype::F32, {N, K / Format::kBlock}, std::vector<float>(s.begin(), s.end()));
   } else if constexpr (std::is_same_v<Format, BF16Weights>) {
     const auto d = m.data();
     parts.add(name + ".bf16", io::Dtype::BF16, {N, K}, std::vector<bf16>(d.begin(), d.end()));
@@ -791,6 +796,11 @@ QuantizedMatrix<Format> read_matrix(io::SafetensorsFile& f, const std::string& n
   } else if constexpr (std::is_same_v<Format, FP8Weights>) {
     return QuantizedMatrix<Format>::from_parts(N, K, read_vector<fp8_e4m3>(f, name + ".fp8", {N, K}),
                                                read_vector<float>(f, name + ".scale", {N}));
+  } else if constexpr (is_fp8_block_v<Format>) {
+    constexpr int B = Format::kBlock;
+    TESSERA_CHECK(K % B == 0, "load_quantized: '", name, "' has K = ", K, ", not a multiple of the block ", B);
+    return QuantizedMatrix<Format>::from_parts(N, K, read_vector<fp8_e4m3>(f, name + ".fp8", {N, K}),
+                                               read_vector<float>(f, name + ".scale", {N, K / B}));
   } else if constexpr (std::is_same_v<Format, BF16Weights>) {
     return QuantizedMatrix<Format>::from_parts(N, K, read_vector<bf16>(f, name + ".bf16", {N, K}));
   } else {

@@ -29,8 +29,10 @@
 //            are, high ones shifted down) are looked up with vpermps. FP8 E4M3: the byte is
 //            moved into an fp16 bit pattern (sign to bit 15, exponent and mantissa shifted left
 //            by 7), which is exactly the code's value times 2^-8 (subnormals included), and
-//            vcvtph2ps converts it in hardware; the 2^8 is folded into the row scale. BF16:
-//            zero-extend and shift left 16.
+//            vcvtph2ps converts it in hardware; the 2^8 is folded into the row scale (FP8
+//            blocks: into the block's scale, which multiplies the decoded weights of each
+//            k-step, so they are exactly dequantize()'s values). BF16: zero-extend and shift
+//            left 16.
 //   kAvx2    the same with 8 lanes (INT4 by int -> float conversion and one FMA per value).
 //   kScalar  decodes one row of W to floats, then plain dot products in K order.
 // From M = 5 rows on, each 4-row tile of W is decoded once into a small float buffer that the
@@ -69,6 +71,7 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -206,7 +209,19 @@ struct Operands {
   const std::int8_t* xq = nullptr;  // row r's codes at xq + r·K
   const float* dx = nullptr;        // row r's steps at dx + r·K/32
   const float* xs = nullptr;        // row r's group sums at xs + r·K/G
+  // FP8BlockWeights: row n's scale for weights [b·2^block_shift, (b+1)·2^block_shift) at
+  // block_scale[n·blocks_per_row + b]. The decoded weights are multiplied by it (times
+  // row_scale_factor) as they are decoded, so they equal QuantizedMatrix::dequantize()'s values
+  // and row_scale stays null. A k-step (16 or 32 weights) never straddles two blocks.
+  const float* block_scale = nullptr;
+  std::int64_t blocks_per_row = 0;
+  int block_shift = 0;
 };
+
+template <class E>
+TESSERA_FORCE_INLINE float block_factor(const Operands<E>& o, std::int64_t n, std::int64_t k0) {
+  return o.block_scale[n * o.blocks_per_row + (k0 >> o.block_shift)] * o.row_scale_factor;
+}
 
 // Software prefetch, two tiles ahead. A core keeps only so many cache misses in flight, and
 // with ~30 instructions of decode and FMA per 100 bytes of INT4 codes the out-of-order window
@@ -249,6 +264,8 @@ void rows_scalar(const Operands<E>& o, std::int64_t n0, std::int64_t n1) {
   std::vector<float> w(static_cast<std::size_t>(o.k));
   for (std::int64_t n = n0; n < n1; ++n) {
     decode_row_scalar(o.w + n * o.per_row, o.k, w.data());
+    if (o.block_scale != nullptr)
+      for (std::int64_t i = 0; i < o.k; ++i) w[static_cast<std::size_t>(i)] *= block_factor(o, n, i);
     for (std::int64_t r = 0; r < o.m; ++r) {
       const float* x = o.x + r * o.ldx;
       float acc = 0.0f;
@@ -339,7 +356,16 @@ TESSERA_QGEMM_AVX512 TESSERA_FORCE_INLINE void tile512(const Operands<E>& o, std
   for (std::int64_t k0 = 0; k0 < k_main; k0 += 32) {
     ahead.at(k0 / 32);
     __m512 w0[NB], w1[NB];
-    for (int j = 0; j < NB; ++j) decode512(rows[j], k0, w0[j], w1[j]);
+    for (int j = 0; j < NB; ++j) {
+      decode512(rows[j], k0, w0[j], w1[j]);
+      if constexpr (std::is_same_v<E, fp8_e4m3>) {
+        if (o.block_scale != nullptr) {
+          const __m512 f = _mm512_set1_ps(block_factor(o, n0 + j, k0));
+          w0[j] = _mm512_mul_ps(w0[j], f);
+          w1[j] = _mm512_mul_ps(w1[j], f);
+        }
+      }
+    }
     for (int r = 0; r < MR; ++r) {
       const __m512 xe = _mm512_loadu_ps(x + r * o.ldx + k0);
       const __m512 xo = _mm512_loadu_ps(x + r * o.ldx + k0 + 16);
@@ -372,6 +398,13 @@ TESSERA_QGEMM_AVX512 TESSERA_FORCE_INLINE void decode_rows512(const Operands<E>&
       ahead.at(k0 / 32);
       __m512 w0, w1;
       decode512(row, k0, w0, w1);
+      if constexpr (std::is_same_v<E, fp8_e4m3>) {
+        if (o.block_scale != nullptr) {
+          const __m512 f = _mm512_set1_ps(block_factor(o, n + j, k0));
+          w0 = _mm512_mul_ps(w0, f);
+          w1 = _mm512_mul_ps(w1, f);
+        }
+      }
       _mm512_storeu_ps(out + k0, w0);
       _mm512_storeu_ps(out + k0 + 16, w1);
     }
@@ -476,7 +509,16 @@ TESSERA_QGEMM_AVX2 TESSERA_FORCE_INLINE void tile256(const Operands<E>& o, std::
   for (std::int64_t k0 = 0; k0 < k_main; k0 += 16) {
     ahead.at(k0 / 16);
     __m256 w0[NB], w1[NB];
-    for (int j = 0; j < NB; ++j) decode256(rows[j], k0, w0[j], w1[j]);
+    for (int j = 0; j < NB; ++j) {
+      decode256(rows[j], k0, w0[j], w1[j]);
+      if constexpr (std::is_same_v<E, fp8_e4m3>) {
+        if (o.block_scale != nullptr) {
+          const __m256 f = _mm256_set1_ps(block_factor(o, n0 + j, k0));
+          w0[j] = _mm256_mul_ps(w0[j], f);
+          w1[j] = _mm256_mul_ps(w1[j], f);
+        }
+      }
+    }
     for (int r = 0; r < MR; ++r) {
       const __m256 xe = _mm256_loadu_ps(x + r * o.ldx + k0);
       const __m256 xo = _mm256_loadu_ps(x + r * o.ldx + k0 + 8);
@@ -507,6 +549,13 @@ TESSERA_QGEMM_AVX2 TESSERA_FORCE_INLINE void decode_rows256(const Operands<E>& o
       ahead.at(k0 / 16);
       __m256 w0, w1;
       decode256(row, k0, w0, w1);
+      if constexpr (std::is_same_v<E, fp8_e4m3>) {
+        if (o.block_scale != nullptr) {
+          const __m256 f = _mm256_set1_ps(block_factor(o, n + j, k0));
+          w0 = _mm256_mul_ps(w0, f);
+          w1 = _mm256_mul_ps(w1, f);
+        }
+      }
       _mm256_storeu_ps(out + k0, w0);
       _mm256_storeu_ps(out + k0 + 8, w1);
     }
@@ -849,6 +898,12 @@ void matmul_via(KernelPath path, const float* x, std::int64_t m, std::int64_t ld
   qgemm_detail::Operands<E> o{w.data().data(), k / w.group(), k, x, ldx, m, y, ldy, nullptr, 1.0f};
   if constexpr (std::is_same_v<F, FP8Weights>) {
     o.row_scale = w.row_scales().data();
+    o.row_scale_factor = path == KernelPath::kScalar ? 1.0f : 256.0f;
+  } else if constexpr (is_fp8_block_v<F>) {
+    static_assert((F::kBlock & (F::kBlock - 1)) == 0 && F::kBlock >= 32);
+    o.block_scale = w.row_scales().data();
+    o.blocks_per_row = k / F::kBlock;
+    o.block_shift = std::countr_zero(static_cast<unsigned>(F::kBlock));
     o.row_scale_factor = path == KernelPath::kScalar ? 1.0f : 256.0f;
   }
   std::vector<float> xbuf;

@@ -12,6 +12,12 @@
 //   FP8Weights       E4M3 codes with one float scale per output row (per channel):
 //                    scale = amax / 448, code = fp8(w · 448 / amax), ties to even, saturating
 //                    (quant/fp8_scaling.hpp's tile quantiser with one tile per row)
+//   FP8BlockWeights<B>  E4M3 codes with one float scale per block of B consecutive weights of
+//                    a row (1 x B tiles, the same rule per block): one outlier costs only its
+//                    block the resolution. DeepSeek-V3 ships its FP8 weights with one scale per
+//                    128 x 128 block; that is this format with B = 128 and the block's scale
+//                    repeated on its 128 rows (from_square_blocks), so such a checkpoint loads
+//                    without rounding anything again. 8 + 32/B bits per weight
 //   Int4RTN<G>       round to nearest, asymmetric: each row is cut into groups of G values
 //                    along K, each group an Int4Block<G> (core/int4.hpp) with its own
 //                    float scale and zero point (min); 4 + 64/G bits per weight
@@ -36,7 +42,8 @@
 // Storage, so a caller can write it to a file and read it back (from_parts):
 //   data()                 N·K elements (float, bf16, fp8_e4m3) or N·K/G Int4Block<G> blocks,
 //                          row-major: row n is [n·K, (n+1)·K) or [n·K/G, (n+1)·K/G)
-//   row_scales()           FP8: N dequantisation scales (w ≈ float(code) · scale)
+//   row_scales()           FP8: N dequantisation scales (w ≈ float(code) · scale);
+//                          FP8BlockWeights<B>: N·K/B, row n's at [n·K/B, (n+1)·K/B)
 //   input_scales_inv()     AWQ: K values 1/s_c (the product multiplies x by them)
 // GGUF's Q4_1 blocks are the asymmetric Int4Block<32> with fp16 scale and min: repack_q4_1()
 // turns one into our block and from_int4_blocks() wraps the rows, so a GGUF model's weights run
@@ -88,6 +95,16 @@ struct FP8Weights {
   static constexpr double kBitsPerWeight = 8;
   using Element = fp8_e4m3;
 };
+template <int Block_>
+struct FP8BlockWeights {
+  static_assert(Block_ == 32 || Block_ == 64 || Block_ == 128,
+                "FP8BlockWeights<Block>: the block must be 32, 64 or 128 weights");
+  static constexpr int kBlock = Block_;
+  static constexpr const char* kName = "fp8_e4m3_block";
+  static constexpr int kBits = 8;
+  static constexpr double kBitsPerWeight = 8.0 + 32.0 / Block_;  // + one float scale per block
+  using Element = fp8_e4m3;
+};
 template <int Group_>
 struct Int4RTN {
   static_assert(Group_ == 32 || Group_ == 64 || Group_ == 128,
@@ -108,13 +125,30 @@ struct Int4AWQ : Int4RTN<Group_> {
 template <class F>
 inline constexpr bool is_int4_v = requires { F::kGroup; };
 template <class F>
+inline constexpr bool is_fp8_block_v = requires { F::kBlock; };
+// FP8 codes with scales (per row or per block): the formats whose row_scales() are set.
+template <class F>
+inline constexpr bool is_fp8_v = std::is_same_v<typename F::Element, fp8_e4m3>;
+// K must be a multiple of this (INT4's group, FP8BlockWeights' block; 1 otherwise).
+template <class F>
+constexpr int k_multiple() {
+  if constexpr (is_int4_v<F>) {
+    return F::kGroup;
+  } else if constexpr (is_fp8_block_v<F>) {
+    return F::kBlock;
+  } else {
+    return 1;
+  }
+}
+template <class F>
 inline constexpr bool is_awq_v = requires {
   requires F::kActivationAware;
 };
 
 template <class F>
 concept WeightFormat = std::same_as<F, FP32Weights> || std::same_as<F, BF16Weights> ||
-                       std::same_as<F, FP8Weights> ||
+                       std::same_as<F, FP8Weights> || std::same_as<F, FP8BlockWeights<32>> ||
+                       std::same_as<F, FP8BlockWeights<64>> || std::same_as<F, FP8BlockWeights<128>> ||
                        std::same_as<F, Int4RTN<32>> || std::same_as<F, Int4RTN<64>> ||
                        std::same_as<F, Int4RTN<128>> || std::same_as<F, Int4AWQ<32>> ||
                        std::same_as<F, Int4AWQ<64>> || std::same_as<F, Int4AWQ<128>>;
@@ -165,13 +199,13 @@ class QuantizedMatrix {
     TESSERA_CHECK(static_cast<std::int64_t>(data.size()) == want, "QuantizedMatrix<",
                   Format::kName, ">::from_parts: a (", rows, ", ", cols, ") matrix needs ", want,
                   " elements, got ", data.size());
-    if constexpr (std::is_same_v<Format, FP8Weights>) {
-      TESSERA_CHECK(static_cast<std::int64_t>(row_scales.size()) == rows,
-                    "QuantizedMatrix<fp8_e4m3>::from_parts: needs ", rows, " row scales, got ",
-                    row_scales.size());
+    if constexpr (is_fp8_v<Format>) {
+      const std::int64_t scales = rows * (is_fp8_block_v<Format> ? cols / k_multiple<Format>() : 1);
+      TESSERA_CHECK(static_cast<std::int64_t>(row_scales.size()) == scales, "QuantizedMatrix<",
+                    Format::kName, ">::from_parts: needs ", scales, " scales, got ", row_scales.size());
       for (const fp8_e4m3 c : data)
-        TESSERA_CHECK((c.bits & 0x7F) != 0x7F,
-                      "QuantizedMatrix<fp8_e4m3>::from_parts: a code is NaN (0x7F/0xFF)");
+        TESSERA_CHECK((c.bits & 0x7F) != 0x7F, "QuantizedMatrix<", Format::kName,
+                      ">::from_parts: a code is NaN (0x7F/0xFF)");
     } else {
       TESSERA_CHECK(row_scales.empty(), "QuantizedMatrix<", Format::kName,
                     ">::from_parts: this format has no row scales");
@@ -242,6 +276,11 @@ class QuantizedMatrix {
       const float s = row_scales_[static_cast<std::size_t>(n)];
       for (std::int64_t k = 0; k < cols_; ++k)
         out[k] = static_cast<float>(data_[static_cast<std::size_t>(n * cols_ + k)]) * s;
+    } else if constexpr (is_fp8_block_v<Format>) {
+      constexpr std::int64_t B = Format::kBlock;
+      const float* s = row_scales_.data() + n * (cols_ / B);
+      for (std::int64_t k = 0; k < cols_; ++k)
+        out[k] = static_cast<float>(data_[static_cast<std::size_t>(n * cols_ + k)]) * s[k / B];
     } else {
       for (std::int64_t k = 0; k < cols_; ++k)
         out[k] = to_float(data_[static_cast<std::size_t>(n * cols_ + k)]);
@@ -263,6 +302,10 @@ class QuantizedMatrix {
       TESSERA_CHECK(cols % Format::kGroup == 0, who, "<", Format::kName, "<", Format::kGroup,
                     ">>: K = ", cols, " is not a multiple of the group size ", Format::kGroup,
                     " (pick a group that divides K, or pad K)");
+    } else if constexpr (is_fp8_block_v<Format>) {
+      TESSERA_CHECK(cols % Format::kBlock == 0, who, "<", Format::kName, "<", Format::kBlock,
+                    ">>: K = ", cols, " is not a multiple of the block size ", Format::kBlock,
+                    " (pick a block that divides K, or pad K)");
     }
   }
 
@@ -436,6 +479,11 @@ QuantizedMatrix<Format> quantize(TensorView<const float, Cpu> w, const Calibrati
     m.row_scales_.resize(static_cast<std::size_t>(n));
     tessera::detail::quantize_tiled<fp8_e4m3>("quantize<fp8_e4m3>", pw, n, k, 1, k, m.data_.data(),
                                               m.row_scales_.data());
+  } else if constexpr (is_fp8_block_v<Format>) {
+    m.data_.resize(static_cast<std::size_t>(n * k));
+    m.row_scales_.resize(static_cast<std::size_t>(n * (k / Format::kBlock)));
+    tessera::detail::quantize_tiled<fp8_e4m3>("quantize<fp8_e4m3_block>", pw, n, k, 1, Format::kBlock,
+                                              m.data_.data(), m.row_scales_.data());
   } else if constexpr (!Format::kActivationAware) {
     m.data_ = quantize_int4<Format::kGroup>(pw, n * k, Int4Mode::kAsymmetric);
   } else {
@@ -533,6 +581,26 @@ inline Int4Block<32> repack_q4_1(std::uint16_t d_bits, std::uint16_t m_bits, con
 inline QuantizedMatrix<Int4RTN<32>> from_int4_blocks(std::int64_t rows, std::int64_t cols,
                                                      std::vector<Int4Block<32>> blocks) {
   return QuantizedMatrix<Int4RTN<32>>::from_parts(rows, cols, std::move(blocks));
+}
+
+// A DeepSeek-V3 style FP8 weight: E4M3 codes (rows, cols) and one dequantisation scale per
+// 128 x 128 block (block_scales: ceil(rows/128) x cols/128, row-major; the checkpoints call them
+// weight_scale_inv), as FP8BlockWeights<128>: every row of a block gets the block's scale, so
+// each weight decodes to exactly code · scale as in the checkpoint.
+inline QuantizedMatrix<FP8BlockWeights<128>> fp8_from_square_blocks(std::int64_t rows, std::int64_t cols,
+                                                                    std::vector<fp8_e4m3> codes,
+                                                                    std::span<const float> block_scales) {
+  TESSERA_CHECK(rows > 0 && cols > 0 && cols % 128 == 0, "fp8_from_square_blocks: a (", rows, ", ",
+                cols, ") matrix; K must be a positive multiple of 128");
+  const std::int64_t across = cols / 128, down = (rows + 127) / 128;
+  TESSERA_CHECK(static_cast<std::int64_t>(block_scales.size()) == down * across,
+                "fp8_from_square_blocks: a (", rows, ", ", cols, ") matrix has ", down, " x ", across,
+                " blocks of 128 x 128; got ", block_scales.size(), " scales");
+  std::vector<float> per_row(static_cast<std::size_t>(rows * across));
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t b = 0; b < across; ++b)
+      per_row[static_cast<std::size_t>(r * across + b)] = block_scales[static_cast<std::size_t>((r / 128) * across + b)];
+  return QuantizedMatrix<FP8BlockWeights<128>>::from_parts(rows, cols, std::move(codes), std::move(per_row));
 }
 
 }  // namespace tessera::quant
