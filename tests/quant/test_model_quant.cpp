@@ -19,6 +19,7 @@
 
 #include "tessera/core/rng.hpp"
 #include "tessera/models/decoder.hpp"
+#include "tessera/infer/generate.hpp"
 #include "tessera/infer/quantized_weights.hpp"
 #include "tessera/quant/model_quant.hpp"
 
@@ -294,6 +295,76 @@ BOOST_AUTO_TEST_CASE(decoding_through_the_packed_matrices) {
   decode_matches_effective_weights<q::FP8Weights, TinyDenseTied>();
   decode_matches_effective_weights<q::FP8BlockWeights<64>, TinyDenseTied>();  // w_down padded
   decode_matches_effective_weights<q::BF16Weights, TinyMoE>();
+}
+
+// generate() through a Weights object: the steps of a hand-written loop over forward_cached with
+// those weights (greedy), streamed token by token, ending at a stop token. The model's own
+// linear weights are zeroed first (QuantizedWeights holds its own matrices): a generate() that
+// used them would see all-zero logits and emit token 0 every step.
+BOOST_AUTO_TEST_CASE(generate_runs_through_the_packed_matrices) {
+  // BF16 on the untied MoE model: what decode_matches_effective_weights instantiates (compile
+  // time); untied, so zeroing the linear weights zeroes the head too.
+  auto model = std::make_unique<ts::Decoder<TinyMoE>>(ts::Seed{8});
+  const ts::infer::QuantizedWeights weights(*model, q::quantize_linears<q::BF16Weights>(*model));
+  model->visit_parameters([&](std::string_view name, auto& p) {
+    if (q::is_linear_weight(name)) std::fill(p.value.data(), p.value.data() + p.value.numel(), 0.0f);
+  });
+  ts::Tensor<float>& head = model->lm_head_weight().value;
+  std::fill(head.data(), head.data() + head.numel(), 0.0f);
+  const std::vector<int32_t> prompt{3, 14, 15, 9, 26};
+  constexpr int kNew = 12;
+  auto cache = ts::infer::make_cache(*model);
+  std::vector<int32_t> want;
+  ts::Tensor<float> logits = ts::infer::forward_cached(*model, prompt, cache, weights);
+  for (int i = 0; i < kNew; ++i) {
+    const float* l = logits.data();
+    want.push_back(static_cast<int32_t>(std::max_element(l, l + logits.numel()) - l));
+    if (i + 1 < kNew) logits = ts::infer::forward_cached(*model, std::span(&want.back(), 1), cache, weights);
+  }
+  BOOST_TEST(std::count(want.begin(), want.end(), 0) < kNew);
+  ts::infer::GenerateOptions opt;
+  opt.max_new_tokens = kNew;
+  std::vector<int32_t> streamed;
+  const auto got = ts::infer::generate(*model, weights, prompt, opt, [&](int32_t id) {
+    streamed.push_back(id);
+    return true;
+  });
+  BOOST_TEST(got == want, boost::test_tools::per_element());
+  BOOST_TEST(streamed == want, boost::test_tools::per_element());
+  opt.stop_tokens = {want[4]};
+  const auto stopped = ts::infer::generate(*model, weights, prompt, opt);
+  const auto first = std::find(want.begin(), want.end(), want[4]);
+  BOOST_TEST(stopped == std::vector<int32_t>(want.begin(), first + 1), boost::test_tools::per_element());
+}
+
+// HeadWeights::kModel: the head's product is the model's own (DenseWeights' bits), the rest
+// stays quantised, and bytes() counts the fp32 head instead of the packed one.
+BOOST_AUTO_TEST_CASE(the_head_can_stay_the_models_own) {
+  auto model = std::make_unique<ts::Decoder<TinyMoE>>(ts::Seed{8});
+  const auto ql = q::quantize_linears<q::BF16Weights>(*model);
+  const ts::infer::QuantizedWeights packed(*model, ql);
+  const ts::infer::QuantizedWeights own_head(*model, ql, ts::infer::HeadWeights::kModel);
+  const ts::infer::DenseWeights<ts::Decoder<TinyMoE>> dense(*model);
+  using Id = ts::infer::WeightId;
+  ts::Tensor<float> x = ts::Tensor<float>::empty(ts::Shape{3, TinyMoE::d_model});
+  for (int64_t i = 0; i < x.numel(); ++i) x.data()[i] = static_cast<float>(i % 17) / 8.0f - 1.0f;
+  const ts::Tensor<float> h_own = own_head.linear(-1, Id::kHead, x), h_dense = dense.linear(-1, Id::kHead, x);
+  const ts::Tensor<float> h_packed = packed.linear(-1, Id::kHead, x);
+  BOOST_TEST_REQUIRE(h_own.numel() == h_dense.numel());
+  int64_t differ_dense = 0, differ_packed = 0;
+  for (int64_t i = 0; i < h_own.numel(); ++i) {
+    differ_dense += h_own.data()[i] != h_dense.data()[i];
+    differ_packed += h_own.data()[i] != h_packed.data()[i];
+  }
+  BOOST_TEST(differ_dense == 0);
+  BOOST_TEST(differ_packed > 0);  // bf16 rounding of the packed head shows
+  const ts::Tensor<float> q_own = own_head.linear(0, Id::kQ, x), q_packed = packed.linear(0, Id::kQ, x);
+  for (int64_t i = 0; i < q_own.numel(); ++i) BOOST_TEST(q_own.data()[i] == q_packed.data()[i]);
+  const int64_t head_fp32 = model->lm_head_weight().value.numel() * 4;
+  BOOST_TEST(own_head.bytes() == packed.bytes() - static_cast<int64_t>(ql.at(std::string(q::kHeadName)).bytes()) + head_fp32);
+  BOOST_CHECK_EXCEPTION(own_head.matrix(-1, Id::kHead), ts::Error, [](const ts::Error& e) {
+    return std::string(e.what()).find("HeadWeights::kModel") != std::string::npos;
+  });
 }
 
 // infer::QuantizedWeights stores q/k/v and gate/up stacked (one matrix per group) when they

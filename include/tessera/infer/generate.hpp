@@ -8,7 +8,8 @@
 //   });
 //
 // Stop tokens end generation in generate(); stop strings (which may span tokens) with
-// StopStrings in the callback.
+// StopStrings in the callback. generate(model, weights, prompt, opt, on_token) decodes through
+// another Weights object (infer/quantized_weights.hpp: INT4, FP8 or BF16 matrices).
 //
 // Sampling (Sampler): the logits are transformed in a fixed order, each step optional:
 //   1. repetition penalty (the CTRL paper's, as Hugging Face and llama.cpp apply it): a token
@@ -36,6 +37,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "tessera/core/error.hpp"
@@ -134,11 +136,11 @@ struct GenerateOptions {
   SamplingOptions sampling{};
 };
 
-// Generates after `prompt` with a KV cache; on_token(id) is called for each new token as soon
-// as it is chosen and may return false to stop. Returns the new tokens (a stop token included).
-template <class Config, class OnToken>
-std::vector<int32_t> generate(models::Decoder<Config, Cpu>& model, std::span<const int32_t> prompt,
-                              const GenerateOptions& opt, OnToken&& on_token) {
+namespace detail {
+// The loop of generate(); step(tokens, cache) runs forward_cached with the caller's weights.
+template <class Config, class OnToken, class Step>
+std::vector<int32_t> generate_loop(models::Decoder<Config, Cpu>& model, std::span<const int32_t> prompt,
+                                   const GenerateOptions& opt, OnToken&& on_token, Step&& step) {
   using R = typename models::Decoder<Config, Cpu>::Resolved;
   TESSERA_CHECK(!prompt.empty(), "generate: the prompt is empty");
   TESSERA_CHECK(opt.max_new_tokens >= 0, "generate: max_new_tokens = ", opt.max_new_tokens);
@@ -150,7 +152,7 @@ std::vector<int32_t> generate(models::Decoder<Config, Cpu>& model, std::span<con
   std::vector<int32_t> history(prompt.begin(), prompt.end());
   std::vector<int32_t> out;
   if (opt.max_new_tokens == 0) return out;
-  auto logits = forward_cached(model, prompt, cache);
+  auto logits = step(prompt, cache);
   for (int64_t i = 0; i < opt.max_new_tokens; ++i) {
     std::vector<float> lf(logits.data(), logits.data() + logits.numel());
     const int32_t next = sampler.sample(lf, history);
@@ -160,15 +162,50 @@ std::vector<int32_t> generate(models::Decoder<Config, Cpu>& model, std::span<con
     if (!go_on || std::find(opt.stop_tokens.begin(), opt.stop_tokens.end(), next) !=
                       opt.stop_tokens.end())
       break;
-    if (i + 1 < opt.max_new_tokens) logits = forward_cached(model, std::span(&next, 1), cache);
+    if (i + 1 < opt.max_new_tokens) logits = step(std::span<const int32_t>(&next, 1), cache);
   }
   return out;
+}
+}  // namespace detail
+
+// Generates after `prompt` with a KV cache; on_token(id) is called for each new token as soon
+// as it is chosen and may return false to stop. Returns the new tokens (a stop token included).
+template <class Config, class OnToken>
+std::vector<int32_t> generate(models::Decoder<Config, Cpu>& model, std::span<const int32_t> prompt,
+                              const GenerateOptions& opt, OnToken&& on_token) {
+  using T = typename models::Decoder<Config, Cpu>::T;
+  return detail::generate_loop(model, prompt, opt, std::forward<OnToken>(on_token),
+                               [&](std::span<const int32_t> tokens, KvCache<T>& cache) {
+                                 return forward_cached(model, tokens, cache);
+                               });
 }
 
 template <class Config>
 std::vector<int32_t> generate(models::Decoder<Config, Cpu>& model, std::span<const int32_t> prompt,
                               const GenerateOptions& opt) {
   return generate(model, prompt, opt, [](int32_t) { return true; });
+}
+
+// The same through another Weights object, e.g. quantised matrices:
+//   const ts::infer::QuantizedWeights weights(model, std::move(quantised));
+//   ts::infer::generate(model, weights, prompt_ids, opt, on_token);
+template <class Config, class Weights, class OnToken>
+  requires LinearWeights<Weights, typename models::Decoder<Config, Cpu>::T>
+std::vector<int32_t> generate(models::Decoder<Config, Cpu>& model, const Weights& weights,
+                              std::span<const int32_t> prompt, const GenerateOptions& opt,
+                              OnToken&& on_token) {
+  using T = typename models::Decoder<Config, Cpu>::T;
+  return detail::generate_loop(model, prompt, opt, std::forward<OnToken>(on_token),
+                               [&](std::span<const int32_t> tokens, KvCache<T>& cache) {
+                                 return forward_cached(model, tokens, cache, weights);
+                               });
+}
+
+template <class Config, class Weights>
+  requires LinearWeights<Weights, typename models::Decoder<Config, Cpu>::T>
+std::vector<int32_t> generate(models::Decoder<Config, Cpu>& model, const Weights& weights,
+                              std::span<const int32_t> prompt, const GenerateOptions& opt) {
+  return generate(model, weights, prompt, opt, [](int32_t) { return true; });
 }
 
 // ---- stop strings ---------------------------------------------------------------------------------

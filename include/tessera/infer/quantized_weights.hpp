@@ -12,9 +12,10 @@
 //
 // Scope: attention's four projections, the dense FFN, every MoE expert (routed and shared,
 // through expert_ffn: forward_batch keeps the MoE layer's routing and weighted sum and hands each
-// expert its rows) and the LM head. Not quantised: the embedding lookup (one row per token; a
-// tied head is the quantised matrix), norms, the MoE router and the window selector, which run
-// with the model's own parameters (quant/model_quant.hpp says why).
+// expert its rows) and the LM head (or, with HeadWeights::kModel, the model's own head). Not
+// quantised: the embedding lookup (one row per token; a tied head is the quantised matrix),
+// norms, the MoE router and the window selector, which run with the model's own parameters
+// (quant/model_quant.hpp says why).
 //
 // A quantised product's row depends only on its own input row (quant/qgemm.hpp), so a sequence
 // decoded in a batch gets the same bits as decoded alone.
@@ -46,10 +47,18 @@
 #include "tessera/core/tensor.hpp"
 #include "tessera/infer/kv_cache.hpp"
 #include "tessera/ops/activation.hpp"
+#include "tessera/ops/matmul.hpp"
 #include "tessera/quant/model_quant.hpp"
 #include "tessera/quant/qgemm.hpp"
 
 namespace tessera::infer {
+
+// Where the LM head's product comes from. The head is the matrix whose rounding every choice of
+// the next token sees directly, so 4-bit files usually keep it wider (llama.cpp's Q4_1 SmolLM2
+// ships it as Q8_0; re-quantised to 4 bits, that model answers "What is the capital of France?"
+// wrongly). kModel multiplies by the model's own head parameter (ops::linear) instead of the
+// quantised matrix; the quantised head in the QuantizedLinears is then dropped.
+enum class HeadWeights { kQuantized, kModel };
 
 template <class Model, class Format>
 class QuantizedWeights {
@@ -58,7 +67,8 @@ class QuantizedWeights {
   using Matrix = quant::QuantizedMatrix<Format>;
   static_assert(std::is_same_v<T, float>, "QuantizedWeights: the quantised products run float models");
 
-  QuantizedWeights(Model& model, quant::QuantizedLinears<Format> q) {
+  QuantizedWeights(Model& model, quant::QuantizedLinears<Format> q,
+                   HeadWeights head = HeadWeights::kQuantized) {
     using R = typename Model::Resolved;
     layers_.resize(static_cast<std::size_t>(R::layers));
     model.for_each_block([&](int64_t l, auto& block) {
@@ -97,19 +107,26 @@ class QuantizedWeights {
           layer.shared_experts.push_back(expert(p + "ffn.shared_experts." + std::to_string(e) + "."));
       }
     });
-    (void)q.at(std::string(quant::kHeadName));
-    head_ = std::move(q.matrices.at(std::string(quant::kHeadName)));
+    if (head == HeadWeights::kModel) {
+      model_head_ = &model.lm_head_weight().value;
+      q.matrices.erase(std::string(quant::kHeadName));
+      bytes_ += model_head_->numel() * static_cast<int64_t>(sizeof(T));
+    } else {
+      (void)q.at(std::string(quant::kHeadName));
+      head_ = std::move(q.matrices.at(std::string(quant::kHeadName)));
+      bytes_ += static_cast<int64_t>(head_.bytes());
+    }
     for (const Layer& layer : layers_) {
       bytes_ += layer_bytes(layer);
       for (const Layer& ex : layer.experts) expert_bytes_ += layer_bytes(ex);
       for (const Layer& ex : layer.shared_experts) expert_bytes_ += layer_bytes(ex);
     }
-    bytes_ += static_cast<int64_t>(head_.bytes());
   }
 
   // x (rows, in) -> (rows, out)
   Tensor<float> linear(int64_t layer, WeightId id, TensorView<const float, Cpu> x) const {
-    if (id == WeightId::kHead) return product(head_, id, layer, x);
+    if (id == WeightId::kHead)
+      return model_head_ != nullptr ? ops::linear<float>(x, *model_head_) : product(head_, id, layer, x);
     return linear_in(at(layer), layer, id, x);
   }
 
@@ -140,6 +157,8 @@ class QuantizedWeights {
 
   // The matrix of one weight; a stacked weight has none of its own (see the file header).
   const Matrix& matrix(int64_t layer, WeightId id) const {
+    TESSERA_CHECK(id != WeightId::kHead || model_head_ == nullptr,
+                  "QuantizedWeights::matrix: the head is the model's own (HeadWeights::kModel)");
     if (id == WeightId::kHead) return head_;
     return own_matrix(at(layer), layer, id);
   }
@@ -290,10 +309,13 @@ class QuantizedWeights {
 
   std::vector<Layer> layers_;
   Matrix head_;
+  const Tensor<float>* model_head_ = nullptr;  // HeadWeights::kModel
   int64_t bytes_ = 0, expert_bytes_ = 0;
 };
 
 template <class Model, class Format>
 QuantizedWeights(Model&, quant::QuantizedLinears<Format>) -> QuantizedWeights<Model, Format>;
+template <class Model, class Format>
+QuantizedWeights(Model&, quant::QuantizedLinears<Format>, HeadWeights) -> QuantizedWeights<Model, Format>;
 
 }  // namespace tessera::infer
