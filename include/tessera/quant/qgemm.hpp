@@ -323,6 +323,18 @@ TESSERA_QGEMM_AVX512 inline void decode512(const fp8_e4m3* row, std::int64_t k0,
   w0 = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
   w1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
 }
+// FP8BlockWeights: row n's decoded weights at k0 times their block's scale (a no-op otherwise).
+template <class E>
+TESSERA_QGEMM_AVX512 TESSERA_FORCE_INLINE void scale_block512(const Operands<E>& o, std::int64_t n,
+                                                              std::int64_t k0, __m512& w0, __m512& w1) {
+  if constexpr (std::is_same_v<E, fp8_e4m3>) {
+    if (o.block_scale != nullptr) {
+      const __m512 f = _mm512_set1_ps(block_factor(o, n, k0));
+      w0 = _mm512_mul_ps(w0, f);
+      w1 = _mm512_mul_ps(w1, f);
+    }
+  }
+}
 template <int G>
 TESSERA_QGEMM_AVX512 inline void decode512(const Int4Block<G>* row, std::int64_t k0, __m512& w0,
                                            __m512& w1) {
@@ -358,13 +370,7 @@ TESSERA_QGEMM_AVX512 TESSERA_FORCE_INLINE void tile512(const Operands<E>& o, std
     __m512 w0[NB], w1[NB];
     for (int j = 0; j < NB; ++j) {
       decode512(rows[j], k0, w0[j], w1[j]);
-      if constexpr (std::is_same_v<E, fp8_e4m3>) {
-        if (o.block_scale != nullptr) {
-          const __m512 f = _mm512_set1_ps(block_factor(o, n0 + j, k0));
-          w0[j] = _mm512_mul_ps(w0[j], f);
-          w1[j] = _mm512_mul_ps(w1[j], f);
-        }
-      }
+      scale_block512(o, n0 + j, k0, w0[j], w1[j]);
     }
     for (int r = 0; r < MR; ++r) {
       const __m512 xe = _mm512_loadu_ps(x + r * o.ldx + k0);
@@ -398,13 +404,7 @@ TESSERA_QGEMM_AVX512 TESSERA_FORCE_INLINE void decode_rows512(const Operands<E>&
       ahead.at(k0 / 32);
       __m512 w0, w1;
       decode512(row, k0, w0, w1);
-      if constexpr (std::is_same_v<E, fp8_e4m3>) {
-        if (o.block_scale != nullptr) {
-          const __m512 f = _mm512_set1_ps(block_factor(o, n + j, k0));
-          w0 = _mm512_mul_ps(w0, f);
-          w1 = _mm512_mul_ps(w1, f);
-        }
-      }
+      scale_block512(o, n + j, k0, w0, w1);
       _mm512_storeu_ps(out + k0, w0);
       _mm512_storeu_ps(out + k0 + 16, w1);
     }
@@ -475,6 +475,17 @@ TESSERA_QGEMM_AVX2 inline void decode256(const fp8_e4m3* row, std::int64_t k0, _
   w0 = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
   w1 = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
 }
+template <class E>
+TESSERA_QGEMM_AVX2 TESSERA_FORCE_INLINE void scale_block256(const Operands<E>& o, std::int64_t n,
+                                                            std::int64_t k0, __m256& w0, __m256& w1) {
+  if constexpr (std::is_same_v<E, fp8_e4m3>) {
+    if (o.block_scale != nullptr) {
+      const __m256 f = _mm256_set1_ps(block_factor(o, n, k0));
+      w0 = _mm256_mul_ps(w0, f);
+      w1 = _mm256_mul_ps(w1, f);
+    }
+  }
+}
 template <int G>
 TESSERA_QGEMM_AVX2 inline void decode256(const Int4Block<G>* row, std::int64_t k0, __m256& w0,
                                          __m256& w1) {
@@ -511,13 +522,7 @@ TESSERA_QGEMM_AVX2 TESSERA_FORCE_INLINE void tile256(const Operands<E>& o, std::
     __m256 w0[NB], w1[NB];
     for (int j = 0; j < NB; ++j) {
       decode256(rows[j], k0, w0[j], w1[j]);
-      if constexpr (std::is_same_v<E, fp8_e4m3>) {
-        if (o.block_scale != nullptr) {
-          const __m256 f = _mm256_set1_ps(block_factor(o, n0 + j, k0));
-          w0[j] = _mm256_mul_ps(w0[j], f);
-          w1[j] = _mm256_mul_ps(w1[j], f);
-        }
-      }
+      scale_block256(o, n0 + j, k0, w0[j], w1[j]);
     }
     for (int r = 0; r < MR; ++r) {
       const __m256 xe = _mm256_loadu_ps(x + r * o.ldx + k0);
@@ -549,13 +554,7 @@ TESSERA_QGEMM_AVX2 TESSERA_FORCE_INLINE void decode_rows256(const Operands<E>& o
       ahead.at(k0 / 16);
       __m256 w0, w1;
       decode256(row, k0, w0, w1);
-      if constexpr (std::is_same_v<E, fp8_e4m3>) {
-        if (o.block_scale != nullptr) {
-          const __m256 f = _mm256_set1_ps(block_factor(o, n + j, k0));
-          w0 = _mm256_mul_ps(w0, f);
-          w1 = _mm256_mul_ps(w1, f);
-        }
-      }
+      scale_block256(o, n + j, k0, w0, w1);
       _mm256_storeu_ps(out + k0, w0);
       _mm256_storeu_ps(out + k0 + 8, w1);
     }
