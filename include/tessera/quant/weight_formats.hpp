@@ -16,7 +16,7 @@
 //                    a row (1 x B tiles, the same rule per block): one outlier costs only its
 //                    block the resolution. DeepSeek-V3 ships its FP8 weights with one scale per
 //                    128 x 128 block; that is this format with B = 128 and the block's scale
-//                    repeated on its 128 rows (from_square_blocks), so such a checkpoint loads
+//                    repeated on its 128 rows (fp8_from_square_blocks), so such a checkpoint loads
 //                    without rounding anything again. 8 + 32/B bits per weight
 //   Int4RTN<G>       round to nearest, asymmetric: each row is cut into groups of G values
 //                    along K, each group an Int4Block<G> (core/int4.hpp) with its own
