@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <memory>
 #include <set>
@@ -17,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "tessera/core/memory.hpp"
 #include "tessera/core/rng.hpp"
 #include "tessera/models/decoder.hpp"
 #include "tessera/infer/generate.hpp"
@@ -365,6 +367,45 @@ BOOST_AUTO_TEST_CASE(the_head_can_stay_the_models_own) {
   BOOST_CHECK_EXCEPTION(own_head.matrix(-1, Id::kHead), ts::Error, [](const ts::Error& e) {
     return std::string(e.what()).find("HeadWeights::kModel") != std::string::npos;
   });
+}
+
+// release_model_weights frees exactly the model's copies of the packed matrices (counted by
+// core/memory.hpp), decoding through the packed matrices gives the same bits afterwards, and the
+// model's own forward refuses instead of reading freed weights. A tied head is the embedding
+// table: kept.
+template <class Config, class Format>
+void release_keeps_decoding() {
+  auto model = std::make_unique<ts::Decoder<Config>>(ts::Seed{8});
+  const ts::infer::QuantizedWeights weights(*model, q::quantize_linears<Format>(*model));
+  const std::vector<int32_t> prompt{3, 14, 15, 9, 26, 5};
+  auto before_cache = ts::infer::make_cache(*model);
+  const ts::Tensor<float> before = ts::infer::forward_cached(*model, prompt, before_cache, weights, true);
+  int64_t expect = 0;
+  model->visit_parameters([&](std::string_view name, auto& p) {
+    if (q::is_linear_weight(name)) expect += (p.value.numel() + p.grad.numel()) * 4;  // and its gradient
+  });
+  if constexpr (ts::Decoder<Config>::Resolved::tie_embeddings) {
+    BOOST_TEST(model->lm_head_weight().value.numel() > 0);  // the table: counted by no name above
+  }
+  const int64_t live = ts::memory::live_bytes();
+  BOOST_TEST(weights.release_model_weights(*model) == expect);
+  BOOST_TEST(live - ts::memory::live_bytes() == expect);
+  BOOST_TEST((model->lm_head_weight().value.numel() > 0) == ts::Decoder<Config>::Resolved::tie_embeddings);
+  auto after_cache = ts::infer::make_cache(*model);
+  const ts::Tensor<float> after = ts::infer::forward_cached(*model, prompt, after_cache, weights, true);
+  BOOST_TEST_REQUIRE(after.numel() == before.numel());
+  BOOST_TEST(std::memcmp(after.data(), before.data(), static_cast<size_t>(after.numel()) * 4) == 0);
+  const auto x = tokens(1, 8, 3);
+  typename ts::Decoder<Config>::Saved saved;
+  BOOST_CHECK_EXCEPTION(model->forward(x, saved), ts::Error, [](const ts::Error& e) {
+    std::printf("after release, the model's own forward: %s\n", e.what());
+    return true;
+  });
+}
+
+BOOST_AUTO_TEST_CASE(releasing_the_models_copies_keeps_decoding) {
+  release_keeps_decoding<TinyMoE, q::BF16Weights>();
+  release_keeps_decoding<TinyDenseTied, q::Int4RTN<32>>();
 }
 
 // infer::QuantizedWeights stores q/k/v and gate/up stacked (one matrix per group) when they

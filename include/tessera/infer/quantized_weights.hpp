@@ -39,6 +39,7 @@
 #include <initializer_list>
 #include <span>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -165,6 +166,34 @@ class QuantizedWeights {
   // Whether `id` of `layer` is stored in a stacked matrix (multiplied in one call with its group).
   bool stacked(int64_t layer, WeightId id) const {
     return id != WeightId::kHead && at(layer).stack_of[index(id)] >= 0;
+  }
+
+  // Frees the model's own copies of the matrices this object holds: every quantised linear
+  // weight, and an untied head unless it is multiplied from the model (HeadWeights::kModel); a
+  // tied head is the embedding table, which the lookup still reads. Why: without it a process
+  // decoding through the packed matrices holds the fp32 model beside them (SmolLM2: 538 MB next
+  // to 101 MB of INT4). Afterwards the model decodes only through this object (forward_batch,
+  // forward_cached, generate, Engine with these weights); its own forward(), a DenseWeights over
+  // it, or saving it, would meet empty weights and throw. Returns the bytes freed.
+  int64_t release_model_weights(Model& model) const {
+    int64_t freed = 0;
+    auto release = [&](Tensor<T>& t) {
+      freed += t.numel() * static_cast<int64_t>(sizeof(T));
+      t = Tensor<T>();
+    };
+    model.visit_parameters([&](std::string_view name, auto& p) {
+      if (name == quant::kHeadName) return;  // below
+      if (!quant::is_linear_weight(name)) return;
+      release(p.value);
+      release(p.grad);
+    });
+    if constexpr (!Model::Resolved::tie_embeddings) {
+      if (model_head_ == nullptr) {
+        release(model.lm_head_weight().value);
+        release(model.lm_head_weight().grad);
+      }
+    }
+    return freed;
   }
 
   // Bytes of the matrices a decoded token reads through these products: the attention
