@@ -181,18 +181,12 @@ class QuantizedWeights {
       freed += t.numel() * static_cast<int64_t>(sizeof(T));
       t = Tensor<T>();
     };
+    // A tied head has no name of its own here: it is the embedding table.
     model.visit_parameters([&](std::string_view name, auto& p) {
-      if (name == quant::kHeadName) return;  // below
-      if (!quant::is_linear_weight(name)) return;
+      if (!quant::is_linear_weight(name) || (name == quant::kHeadName && model_head_ != nullptr)) return;
       release(p.value);
       release(p.grad);
     });
-    if constexpr (!Model::Resolved::tie_embeddings) {
-      if (model_head_ == nullptr) {
-        release(model.lm_head_weight().value);
-        release(model.lm_head_weight().grad);
-      }
-    }
     return freed;
   }
 
